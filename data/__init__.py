@@ -1,0 +1,1 @@
+"""Text -> tokens -> packed, sharded, resumable batches."""

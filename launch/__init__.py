@@ -1,0 +1,1 @@
+"""How people start longtrain: the CLI, presets, cluster templates. No training logic."""

@@ -1,0 +1,1 @@
+"""Everything distributed: process groups, DeepSpeed engine, checkpoints, metrics, the loop."""
