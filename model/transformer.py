@@ -1,0 +1,249 @@
+"""A Llama-shaped decoder-only transformer on one device.
+
+Names follow torchtitan (``tok_embeddings``, ``layers[i].attention.wq``, ``feed_forward.w1``...);
+the map to transformers' names lives in ``longtrain.model.hf``. Parallelism is applied from
+outside: sequence parallelism replaces ``layers[i].attention.core`` (see
+:meth:`Transformer.set_attention_core`), DeepSpeed shards the parameters.
+
+Build big models without allocating them::
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cuda")
+    model.init_weights()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtrain.model.attention import _CORES, doc_offsets, resolve_core_name
+from longtrain.model.config import ModelConfig
+from longtrain.model.loss import chunked_cross_entropy
+from longtrain.model.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back before the weight (as in HF Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: projections + RoPE here, the softmax part in ``self.core``."""
+
+    def __init__(self, cfg: ModelConfig, core: nn.Module) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.q_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
+        self.core = core
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape  # T is the local sequence length (T/sp under sequence parallelism)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T/sp, Hq, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T/sp, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T/sp, Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.core(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # (B, T/sp, Hq, D)
+        return self.wo(out.reshape(B, T, -1))  # (B, T/sp, Hq*D) -> (B, T/sp, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, cfg: ModelConfig, core: nn.Module) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, core)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """(B, T) positions restarting at 0 at every document start in ``cu_seqlens``."""
+    offs = doc_offsets(cu_seqlens, batch, seq_len)
+    idx = torch.arange(batch * seq_len, device=cu_seqlens.device)
+    starts = torch.tensor(offs[:-1], device=cu_seqlens.device)
+    doc = torch.searchsorted(starts, idx, right=True) - 1  # (B*T,) document of each token
+    return (idx - starts[doc]).view(batch, seq_len)  # (B, T)
+
+
+class Transformer(nn.Module):
+    """Llama-shaped decoder. ``attention`` names the core (see ``longtrain.model.attention``)."""
+
+    def __init__(self, cfg: ModelConfig, attention: str = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attention_core = resolve_core_name(attention)  # resolved once, logged once
+        core_cls = _CORES[self.attention_core]
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, core_cls()) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    # ---- construction --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (works after ``to_empty``); uses torch's RNG.
+
+        Normal(0, init_std) for embeddings and projections; the residual output projections
+        (wo, w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance does not
+        grow with depth (GPT-2, Megatron-LM); norms start at 1.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            a, f = block.attention, block.feed_forward
+            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
+                nn.init.normal_(lin.weight, std=std)
+            for lin in (a.wo, f.w2):
+                nn.init.normal_(lin.weight, std=out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        self.rope.reset_parameters()
+
+    def set_attention_core(self, fn: str | nn.Module | Callable[[nn.Module], nn.Module]) -> None:
+        """Replace every layer's attention core.
+
+        ``fn`` is a core name (``sdpa``...), one module shared by all layers, or a callable
+        that receives a layer's current core and returns its replacement (e.g. a Ulysses
+        wrapper: ``model.set_attention_core(lambda core: DistributedAttention(core, group))``).
+        """
+        for block in self.layers:
+            if isinstance(fn, str):
+                new = _CORES[resolve_core_name(fn)]()
+            elif isinstance(fn, nn.Module):
+                new = fn
+            else:
+                new = fn(block.attention.core)
+            block.attention.core = new
+        if isinstance(fn, str):
+            self.attention_core = resolve_core_name(fn)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, dim) LM head weight: the embedding matrix when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, dim) hidden states after the final norm.
+
+        ``position_ids`` default to 0..T-1 per row, or to positions restarting at every
+        document start when ``cu_seqlens`` is given. Under sequence parallelism pass the
+        local shard's ids and positions and the full window's ``cu_seqlens``.
+        """
+        B, T = input_ids.shape  # T is local (T/sp) under sequence parallelism
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, B, T)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(position_ids, max_seqlen)  # (B, T/sp, D) fp32 each
+        h = self.tok_embeddings(input_ids)  # (B, T/sp, dim)
+        for block in self.layers:
+            h = block(h, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab); with ``labels``, the chunked loss ``(sum, count)`` instead.
+
+        The ``labels`` path exists so a wrapping engine (DeepSpeed) that only calls
+        ``forward`` gets the memory-saving loss; it is the same as :meth:`loss`.
+        """
+        if labels is not None:
+            return self.loss(input_ids, labels, position_ids, cu_seqlens, max_seqlen, chunk_size)
+        h = self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
+        return F.linear(h, self.head_weight)  # (B, T/sp, vocab)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_sum fp32 scalar, count int64 scalar)`` over tokens whose label != -100.
+
+        ``labels`` (B, T) are already shifted: label[t] is the target for input[t].
+        Never materialises fp32 logits for the whole sequence (see ``longtrain.model.loss``).
+        """
+        h = self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen)  # (B, T/sp, dim)
+        return chunked_cross_entropy(h, self.head_weight, labels, chunk_size)
