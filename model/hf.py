@@ -7,9 +7,11 @@ transform here and nowhere else.
 
 Config: :func:`config_to_hf` writes a complete ``config.json`` that loads in transformers 5
 (which reads ``rope_parameters``) and in 4.4x (which reads ``rope_scaling``): both keys are
-written, with the same content. Dynamic NTK is measured by transformers against
-``max_position_embeddings``, so for that type ``max_position_embeddings`` is the original
-(pretraining) length; for the other types it is ``max_seq_len``.
+written, with the same content. Dynamic NTK (all versions) and YaRN (4.4x up to 4.47) are
+measured by transformers against ``max_position_embeddings``, so for those two types
+``max_position_embeddings`` is the original (pretraining) length, as in Qwen's YaRN configs;
+for the other types it is ``max_seq_len``. Checked: logits of exported linear, dynamic, yarn
+and llama3 models at 4x the original length agree to 4e-6 in transformers 4.46.3 and 5.24.
 
 Model-only checkpoint (what ``import-hf`` writes and ``export-hf`` reads; the trainer writes
 the same two files into each checkpoint): ``model_config.json`` + ``model.safetensors`` in
@@ -84,7 +86,10 @@ def config_to_hf(
     """transformers ``LlamaConfig`` dict for ``cfg`` (loads in transformers 4.4x and 5)."""
     rs = cfg.rope_scaling
     max_pos = cfg.max_seq_len
-    if rs is not None and rs.type == "dynamic":
+    if rs is not None and rs.type in ("dynamic", "yarn"):
+        # transformers <= 4.47 measures both against max_position_embeddings (yarn ignores
+        # original_max_position_embeddings there), so it must hold the original length;
+        # transformers 5 reads original_max_position_embeddings and agrees.
         assert rs.original_max_position_embeddings is not None
         max_pos = rs.original_max_position_embeddings
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -164,6 +169,9 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
             max_seq_len = int(max_pos * float(rope.get("factor", 1.0)))
         elif rope_type in ("yarn", "llama3"):
             rope.setdefault("original_max_position_embeddings", max_pos)
+            if rope_type == "yarn":  # max_position_embeddings may hold the original length
+                omp = int(rope["original_max_position_embeddings"])
+                max_seq_len = max(max_pos, int(omp * float(rope.get("factor", 1.0))))
         else:
             rope.pop("original_max_position_embeddings", None)
         try:

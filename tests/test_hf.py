@@ -224,9 +224,12 @@ def test_config_json_keys_for_transformers_4_and_5() -> None:
         "high_freq_factor",
     ):
         assert d["rope_scaling"][key] == d["rope_parameters"][key]
-    dyn = config_to_hf(_cfg(rope_scaling=ROPE["dynamic"]))
-    assert dyn["max_position_embeddings"] == ORIG  # transformers' reference length for dynamic NTK
-    assert config_from_hf(dyn).rope_scaling == _cfg(rope_scaling=ROPE["dynamic"]).rope_scaling
+    for rope in ("dynamic", "yarn"):  # transformers' reference length for these two types
+        d = config_to_hf(_cfg(rope_scaling=ROPE[rope]))
+        assert d["max_position_embeddings"] == ORIG
+        back = config_from_hf(d)
+        assert back.rope_scaling == _cfg(rope_scaling=ROPE[rope]).rope_scaling
+        assert back.max_seq_len == 4 * ORIG
 
 
 # ---- bad input through the CLI: exit 2 and one line ---------------------------------------
