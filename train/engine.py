@@ -1,0 +1,288 @@
+"""DeepSpeed engine: config built from the JobConfig, the model built sharded, the step's loss scaling.
+
+No hand-edited DeepSpeed JSON: :func:`deepspeed_config` derives everything (ZeRO stage,
+offload, precision, clipping, accumulation) from :class:`~longtrain.train.config.JobConfig`.
+
+Loss normalisation. The step's loss is ``sum of token losses / N`` where ``N`` is the number of
+unmasked tokens in the WHOLE step: every micro-batch on every DP x SP rank (all-reduced before
+the first backward). DeepSpeed then (a) divides by ``grad_accum`` unless told not to, which we
+do (``scale_wrt_gas=False``), and (b) sums gradients over all DP x SP ranks and divides by the
+world size (it is not told about SP, see ``parallel.py``). So each rank back-propagates
+``local_sum * world / N``: the reduced gradient is exactly ``d(sum over all tokens)/dw / N``,
+independent of how the tokens were split across ranks, micro-batches or sequence shards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from longtrain.model.errors import LongtrainError
+from longtrain.train.config import JobConfig
+from longtrain.train.parallel import (
+    Topology,
+    apply_activation_checkpointing,
+    apply_ulysses,
+    setup_accelerator_env,
+)
+
+
+def compute_dtype(job: JobConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless parallel.dtype says otherwise."""
+    if job.parallel.dtype == "fp32":
+        return torch.float32
+    if job.parallel.dtype == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict for this job (also written to run_dir/deepspeed_config.json)."""
+    t, p = job.train, job.parallel
+    dtype = compute_dtype(job, device)
+    on_gpu = device.type == "cuda"
+    zero: dict[str, Any] = {
+        "stage": p.zero_stage,
+        "contiguous_gradients": True,
+        # Overlapping communication needs side streams; on CPU it only adds threads.
+        "overlap_comm": on_gpu,
+        "reduce_bucket_size": int(5e8) if on_gpu else int(5e7),
+        "allgather_bucket_size": int(5e8) if on_gpu else int(5e7),
+    }
+    if p.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_param_persistence_threshold": int(1e5) if on_gpu else 0,
+                "stage3_prefetch_bucket_size": int(5e7) if on_gpu else int(1e7),
+                "stage3_max_live_parameters": int(1e9),
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        # DeepSpeed sees every rank as data parallel (SP is ours), so its "batch" counts each
+        # SP rank's shard of a window as a sample; only its own bookkeeping uses this number.
+        "train_batch_size": t.micro_batch * t.grad_accum * topo.world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+                # On CPU torch's AdamW; DeepSpeed's fused/CPU Adam need compiled ops.
+                "torch_adam": not on_gpu,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": on_gpu,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "seq_parallel_communication_data_type": "bf16" if dtype == torch.bfloat16 else "fp32",
+    }
+    if dtype == torch.bfloat16:
+        # Non-finite gradients must skip the update (NaN/Inf loss handling relies on it).
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    return cfg
+
+
+def lr_at(step: int, job: JobConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    t = job.train
+    if t.warmup > 0 and step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    lo = t.lr * t.min_lr_ratio
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "cosine":
+        span = max(1, t.steps - t.warmup)
+        frac = min(1.0, (step - t.warmup) / span)
+        return lo + 0.5 * (t.lr - lo) * (1 + math.cos(math.pi * frac))
+    # wsd: stable at lr, then a linear decay over the last decay_fraction of the steps.
+    decay_start = int(t.steps * (1 - t.decay_fraction))
+    if step < decay_start:
+        return t.lr
+    frac = min(1.0, (step - decay_start) / max(1, t.steps - decay_start))
+    return t.lr + (lo - t.lr) * frac
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (projections, embeddings), none on norms."""
+    decay, no_decay = [], []
+    for _, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        # ZeRO-3 partitions params to 1-D; ds_shape keeps the real shape.
+        shape = getattr(prm, "ds_shape", prm.shape)
+        (decay if len(shape) >= 2 else no_decay).append(prm)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def _init_zero3(model: nn.Module, seed: int) -> None:
+    """Initialise a ZeRO-3-partitioned model one layer at a time, identical to init_weights().
+
+    Only one block is ever gathered, so a model that does not fit on one rank can still be
+    initialised. Rank 0 draws the values (same RNG order as ``Transformer.init_weights``) and
+    ``GatheredParameters(modifier_rank=0)`` scatters them back into the shards.
+    tests/test_train_parallel.py checks the result against ``init_weights`` itself.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    cfg = model.cfg
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    rank0 = dist.get_rank() == 0
+    torch.manual_seed(seed)
+
+    def unit(params: list[nn.Parameter], fill: Any) -> None:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if rank0:
+                fill()
+
+    unit(
+        [model.tok_embeddings.weight], lambda: nn.init.normal_(model.tok_embeddings.weight, std=std)
+    )
+    for block in model.layers:
+        a, f = block.attention, block.feed_forward
+
+        def fill_block(a: Any = a, f: Any = f, block: Any = block) -> None:
+            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
+                nn.init.normal_(lin.weight, std=std)
+            for lin in (a.wo, f.w2):
+                nn.init.normal_(lin.weight, std=out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+
+        unit(list(block.parameters()), fill_block)
+    unit([model.norm.weight], model.norm.reset_parameters)
+    if model.output is not None:
+        unit([model.output.weight], lambda: nn.init.normal_(model.output.weight, std=std))
+    model.rope.reset_parameters()
+
+
+def build_model(
+    job: JobConfig, cfg: Any, topo: Topology, ds_config: dict[str, Any], device: torch.device
+) -> nn.Module:
+    """The Transformer, never whole on one rank under ZeRO-3, parallelized (Ulysses, AC).
+
+    ZeRO 0-2: built on ``meta``, materialised on the device, ``init_weights()`` with the job's
+    seed (every rank draws the same values; DeepSpeed also broadcasts rank 0's).
+    ZeRO-3: built inside ``deepspeed.zero.Init`` so each parameter is partitioned over all
+    DP x SP ranks as soon as it is created, then initialised layer by layer.
+    """
+    setup_accelerator_env()
+    import deepspeed
+
+    from longtrain.model.transformer import Transformer
+
+    if job.parallel.zero_stage == 3:
+        remote = "cpu" if job.parallel.offload_params else None
+        with deepspeed.zero.Init(
+            data_parallel_group=topo.world_group,
+            config_dict_or_path=ds_config,
+            remote_device=remote,
+            # dtype stays None: DeepSpeed then takes it from the config (bf16 or fp32). An
+            # explicit dtype is ignored on accelerators without fp16 (CPU), which get bf16.
+        ):
+            model = Transformer(cfg, attention=job.model.attention)
+        _init_zero3(model, job.seed)
+        # The LM head weight is used by the top-level forward (chunked loss), outside the
+        # module that owns it; ZeRO-3 must gather it for that forward and its backward.
+        deepspeed.zero.register_external_parameter(model, model.head_weight)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg, attention=job.model.attention)
+        model.to_empty(device=device)
+        torch.manual_seed(job.seed)
+        model.init_weights()
+    apply_ulysses(model, topo, cfg.n_kv_heads)
+    apply_activation_checkpointing(model, job.parallel.activation_checkpointing)
+    return model
+
+
+def initialize_engine(
+    job: JobConfig, model: nn.Module, topo: Topology, ds_config: dict[str, Any]
+) -> Any:
+    """``deepspeed.initialize`` over all DP x SP ranks; checks DeepSpeed's gradient divisor."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, job.train.weight_decay),
+        config=ds_config,
+    )
+    if grad_divisor(engine) != topo.world_size:
+        raise LongtrainError(
+            f"DeepSpeed averages gradients over {grad_divisor(engine)} ranks, expected the world "
+            f"size {topo.world_size}; this DeepSpeed version sets up data parallelism differently"
+        )
+    return engine
+
+
+def grad_divisor(engine: Any) -> float:
+    """What DeepSpeed divides the summed gradients by: the data-parallel size it sees (world)."""
+    return float(engine.dp_world_size)
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """Set the learning rate of every param group (the schedule is a pure function of the step)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def count_tokens(batches: list[dict[str, Any]]) -> int:
+    """Unmasked target tokens (labels != -100) in this rank's micro-batches."""
+    return int(sum(int((b["labels"] != -100).sum()) for b in batches))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a loader batch to the device; ints stay ints."""
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
+    }
+
+
+def forward_loss(engine: Any, batch: dict[str, Any], chunk_size: int) -> torch.Tensor:
+    """This rank's summed token loss for one micro-batch (fp32 scalar, differentiable)."""
+    loss_sum, _ = engine(
+        input_ids=batch["input_ids"],
+        labels=batch["labels"],
+        position_ids=batch.get("position_ids"),
+        cu_seqlens=batch.get("cu_seqlens"),
+        max_seqlen=batch.get("max_seqlen"),
+        chunk_size=chunk_size,
+    )
+    return loss_sum.float()
+
+
+def zero_stage0_grads(engine: Any) -> None:
+    """Make a ZeRO-0 step a no-op for the weights (its optimizer has no overflow check)."""
+    for prm in engine.module.parameters():
+        if prm.grad is not None:
+            prm.grad.zero_()
+    set_lr(engine, 0.0)
+
+
+def grad_norm_stage0(engine: Any) -> float:
+    """Global L2 norm of the (already reduced, unclipped) gradients under ZeRO-0."""
+    sq = sum(
+        float(p.grad.detach().float().pow(2).sum())
+        for p in engine.module.parameters()
+        if p.grad is not None
+    )
+    return math.sqrt(sq)
