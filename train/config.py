@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from longtrain.model.errors import LongtrainError
+from longtrain.train.finetune_config import FinetuneSection
 
 SCHEDULES = ("cosine", "wsd", "constant")
 AC_MODES = ("none", "full", "selective")
@@ -39,6 +40,9 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)
     """ModelConfig fields that replace the flavor's, e.g. ``{n_layers: 4, rope_theta: 1e6}``.
     ``vocab_size`` defaults to the data's vocabulary and ``max_seq_len`` to at least data.seq_len."""
+    init: str = ""
+    """finetune only: start from this longtrain checkpoint, run dir, model dir or HF Llama
+    directory (its shape wins over ``flavor``; ``overrides`` may change RoPE and max_seq_len)."""
 
 
 @dataclass
@@ -159,6 +163,8 @@ class JobConfig:
     """Saving and resuming."""
     log: LogSection = field(default_factory=LogSection)
     """Reporting."""
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    """Fine-tuning: task, LoRA, curriculum stages, early stopping (``longtrain finetune``)."""
     run_dir: str = "runs/default"
     """Output directory: config.yaml, metrics.jsonl, tb/, checkpoints/, loss_curve.png."""
     seed: int = 0
