@@ -1,6 +1,7 @@
 """HF conversion: logits parity with transformers' LlamaForCausalLM, round trip, CLI errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,29 @@ def test_cli_bad_head_config_and_shard_size(tmp_path, capsys) -> None:
         capsys, ["export-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]
     )
     assert "model_config.json" in err and "n_kv_heads" in err
+
+
+def test_export_with_tokenizer_loads_in_auto_classes(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from longtrain.data.tokenizer import Tokenizer, train_tokenizer
+
+    root = Path(json.__file__).parent.parent  # the stdlib: text that is always there
+    docs = [(p.name, p.read_text(encoding="utf-8")) for p in sorted(root.glob("[a-c]*.py"))[:40]]
+    train_tokenizer(docs, tmp_path / "tok", vocab_size=400, sample_mb=1, progress=False)
+    tok = Tokenizer.load(tmp_path / "tok")
+    m = _model(_cfg(vocab_size=tok.vocab_size))
+    save_model_dir(m, tmp_path / "ckpt")
+    argv = ["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]
+    assert main([*argv, "--tokenizer", str(tmp_path / "tok"), "--dtype", "fp32"]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert cfg["bos_token_id"] == gen["bos_token_id"] == tok.bos_id
+    assert cfg["eos_token_id"] == gen["eos_token_id"] == tok.eos_id
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def main():\n    return 0\n"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    hf = _hf_from_dir(tmp_path / "hf")
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert (hf(ids).logits - m(ids)).abs().max().item() <= 1e-4
