@@ -1,0 +1,515 @@
+"""One prepared check of the GPU path: attention kernels, bf16 throughput/MFU, a short pretrain.
+
+Run it through ``bench/gpu_check.sh`` on a machine with one CUDA GPU and PyTorch (it makes
+``longtrain`` importable without installing it, and installs any wheels in ``$WHEELS_DIR``):
+
+    bash bench/gpu_check.sh                    # the whole check, < 8 minutes on one H200
+    bash bench/gpu_check.sh --skip-pretrain    # kernels and throughput only
+    bash bench/gpu_check.sh --cpu-dry-run      # tiny shapes on CPU (what tests/ runs)
+
+Stages, each reported even when an earlier one failed:
+
+1. ``matmul``: the best bf16 GEMM rate over a few square sizes (the "measured peak").
+2. ``cores``: every available attention core (flash, torch_varlen, sdpa) against ``reference``
+   on packed windows holding documents of uneven length (length-1 documents included), fresh
+   random inputs, forward and backward. Tolerance as flash-attn's own tests: the core's error
+   against the fp32 reference may be at most 2x (output) / 3x (gradients) the error of the
+   reference itself run in bf16, plus 1e-4.
+3. ``model``: forward + backward of the ``1b`` flavor (bf16 weights, no optimizer) at 8K and
+   32K tokens, one causal document per window so the FLOP count is the convention's, every
+   block activation-checkpointed, chunked loss; timed with CUDA events after warm-up.
+   Reports tokens/s, model TFLOP/s (``ModelConfig.flops_per_token(T, causal=True)``: causal
+   attention counted once, recompute not counted) and MFU against the measured bf16 GEMM peak
+   and the datasheet peak, plus peak memory next to the planner's prediction.
+4. ``pretrain``: when deepspeed and the trainer import, tokenizer + prepare on the embedded
+   corpus, then ``longtrain pretrain`` with ZeRO-2 for 20 steps; its metrics.jsonl summarised.
+
+A short table is printed last; everything goes to ``<out>/gpu_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts unless named), TFLOP/s.
+DATASHEET_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """Datasheet dense bf16 TFLOP/s for a CUDA device name, or None when unknown."""
+    for key, value in DATASHEET_BF16_TFLOPS.items():  # longer names first where it matters
+        if key in device_name:
+            return value
+    return None
+
+
+class Shapes:
+    """Problem sizes: the real ones on GPU, tiny ones for the CPU dry run."""
+
+    def __init__(self, dry: bool) -> None:
+        self.dry = dry
+        self.device = torch.device("cpu" if dry else "cuda")
+        self.dtype = torch.float32 if dry else torch.bfloat16
+        # Error baseline dtype and the "exact" reference dtype for the core check.
+        self.low, self.high = (
+            (torch.float32, torch.float64) if dry else (torch.bfloat16, torch.float32)
+        )
+        self.matmul_sizes = [128, 256] if dry else [4096, 8192, 16384]
+        self.core_shape = (2, 96, 4, 2, 16) if dry else (2, 4096, 16, 4, 128)  # B, T, Hq, Hkv, D
+        self.flavor = "debug" if dry else "1b"
+        self.seq_lens = [128, 256] if dry else [8192, 32768]
+        self.warmup = 1 if dry else 2
+        self.iters = 2 if dry else 4
+        self.loss_chunk = 64 if dry else 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of ``fn``: CUDA events on GPU (after warm-up), perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def stage_matmul(sh: Shapes) -> dict[str, Any]:
+    """Best GEMM rate over square sizes in the compute dtype (the measured peak)."""
+    rows = []
+    for n in sh.matmul_sizes:
+        a = torch.randn(n, n, device=sh.device, dtype=sh.dtype)
+        b = torch.randn(n, n, device=sh.device, dtype=sh.dtype)
+        sec = time_it(lambda a=a, b=b: a @ b, sh.device, warmup=3, iters=10 if not sh.dry else 3)
+        rows.append({"n": n, "tflops": 2 * n**3 / sec / 1e12})
+        del a, b
+    best = max(rows, key=lambda r: r["tflops"])
+    return {"sizes": rows, "peak_tflops": best["tflops"], "dtype": str(sh.dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention cores
+
+
+def packed_offsets(batch: int, seq_len: int, gen: torch.Generator) -> list[int]:
+    """Document offsets over B*T tokens: uneven random documents, a length-1 one in each row."""
+    offs = [0]
+    for r in range(batch):
+        base = r * seq_len
+        cuts = torch.randperm(seq_len - 3, generator=gen)[:3].add(2).sort().values.tolist()
+        row = sorted({base, base + 1, *(base + c for c in cuts)})  # [base, base+1): length 1
+        offs += [o for o in row if o != 0]
+    offs.append(batch * seq_len)
+    return offs
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64."""
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_core(name: str, sh: Shapes, seed: int) -> dict[str, Any]:
+    """One core vs the reference, forward and backward, at the compute dtype's tolerance."""
+    from longtrain.model.attention import make_core
+
+    B, T, Hq, Hkv, D = sh.core_shape
+    gen = torch.Generator().manual_seed(seed)
+    offs = packed_offsets(B, T, gen)
+    cu = torch.tensor(offs, dtype=torch.int32, device=sh.device)
+    max_len = max(e - s for s, e in zip(offs, offs[1:]))
+    q0 = torch.randn(B, T, Hq, D, generator=gen).to(sh.device, sh.low)
+    k0 = torch.randn(B, T, Hkv, D, generator=gen).to(sh.device, sh.low)
+    v0 = torch.randn(B, T, Hkv, D, generator=gen).to(sh.device, sh.low)
+    g0 = torch.randn(B, T, Hq, D, generator=gen).to(sh.device, sh.low)
+
+    def run(core: torch.nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
+        q, k, v = (x.detach().to(dtype).clone().requires_grad_(True) for x in (q0, k0, v0))
+        out = core(q, k, v, cu_seqlens=cu, max_seqlen=max_len)
+        out.backward(g0.to(dtype))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    ref = make_core("reference")
+    exact = run(ref, sh.high)
+    base = run(ref, sh.low)
+    got = run(make_core(name), sh.low)
+    names = ["out", "dq", "dk", "dv"]
+    res: dict[str, Any] = {"core": name, "docs": len(offs) - 1, "shape": [B, T, Hq, Hkv, D]}
+    ok = True
+    for i, n in enumerate(names):
+        err, ref_err = max_abs(got[i], exact[i]), max_abs(base[i], exact[i])
+        tol = (2.0 if n == "out" else 3.0) * ref_err + 1e-4
+        res[n] = {"err": err, "ref_err": ref_err, "tol": tol}
+        ok &= math.isfinite(err) and err <= tol
+    res["ok"] = bool(ok)
+    return res
+
+
+def stage_cores(sh: Shapes) -> dict[str, Any]:
+    """Every available core except the reference itself, with fresh inputs each."""
+    from longtrain.model.attention import available_cores, core_unavailable_reason
+
+    out: dict[str, Any] = {"results": [], "skipped": {}}
+    for name in ("flash", "torch_varlen", "sdpa"):
+        reason = core_unavailable_reason(name)
+        if reason is not None:
+            out["skipped"][name] = reason
+            continue
+        seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run, seed recorded
+        try:
+            r = check_core(name, sh, seed)
+        except Exception as e:  # one broken kernel must not hide the others
+            r = {"core": name, "ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        r["seed"] = seed
+        out["results"].append(r)
+    out["available"] = available_cores()
+    out["ok"] = all(r["ok"] for r in out["results"]) and bool(out["results"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model throughput
+
+
+class Checkpointed(torch.nn.Module):
+    """A block whose activations are recomputed in the backward (non-reentrant checkpoint)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def planner_prediction(cfg: Any, seq_len: int, chunk: int, precision: str, core: str) -> float:
+    """The planner's peak (GB) for weights + grads + activations, no optimizer, no reserve."""
+    from longtrain.train.plan import CPU, PlanInput, memory
+
+    p = PlanInput(
+        model=cfg,
+        seq_len=seq_len,
+        zero_stage=0,
+        activation_checkpointing="full",
+        loss_chunk=chunk,
+        precision=precision,
+        attention=core,
+    )
+    m = memory(p, 1, CPU)
+    return (m.total - m.optimizer) / 1e9
+
+
+def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
+    """fwd+bwd of the flavor at each seq_len: tokens/s, TFLOP/s, MFU, peak memory."""
+    from longtrain.model.config import get_flavor
+    from longtrain.model.transformer import Transformer
+
+    device_name = torch.cuda.get_device_name() if sh.device.type == "cuda" else platform.processor()
+    sheet = datasheet_peak(device_name) if sh.device.type == "cuda" else None
+    cfg = get_flavor(sh.flavor, max_seq_len=max(sh.seq_lens))
+    with torch.device("meta"):
+        model = Transformer(cfg, attention="auto")
+    model.to_empty(device=sh.device)
+    model.init_weights()
+    model.to(sh.dtype)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = Checkpointed(block)
+    rows = []
+    for T in sh.seq_lens:
+        gen = torch.Generator().manual_seed(T)
+        ids = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=gen).to(sh.device)
+        cu = torch.tensor([0, T], dtype=torch.int32, device=sh.device)  # one causal document
+
+        def step(ids: torch.Tensor = ids, cu: torch.Tensor = cu, T: int = T) -> None:
+            loss_sum, count = model.loss(
+                ids[:, :-1], ids[:, 1:], cu_seqlens=cu, max_seqlen=T, chunk_size=sh.loss_chunk
+            )
+            (loss_sum / count).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        if sh.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sec = time_it(step, sh.device, sh.warmup, sh.iters)
+        fpt = cfg.flops_per_token(T, causal=True)
+        tflops = fpt * T / sec / 1e12
+        row: dict[str, Any] = {
+            "seq_len": T,
+            "step_s": sec,
+            "tokens_per_s": T / sec,
+            "model_tflops": tflops,
+            "mfu_vs_measured": tflops / matmul_peak if matmul_peak else None,
+            "mfu_vs_datasheet": tflops / sheet if sheet else None,
+            "planner_gb": planner_prediction(
+                cfg, T, sh.loss_chunk, "bf16" if sh.dtype == torch.bfloat16 else "fp32",
+                model.attention_core,
+            ),
+        }  # fmt: skip
+        if sh.device.type == "cuda":
+            row["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            row["max_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        rows.append(row)
+    return {
+        "flavor": sh.flavor,
+        "params": cfg.num_params(),
+        "core": model.attention_core,
+        "device": device_name,
+        "datasheet_tflops": sheet,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# longtrain pretrain
+
+
+def pretrain_job(work: Path, dry: bool) -> dict[str, Any]:
+    """The job config the pretrain stage runs (contract field names only)."""
+    return {
+        "model": {"flavor": "debug" if dry else "1b"},
+        "data": {"dir": str(work / "data"), "seq_len": 256 if dry else 8192},
+        "train": {"steps": 3 if dry else 20, "micro_batch": 1, "grad_accum": 1, "warmup": 2},
+        "parallel": {
+            "sp": 1,
+            "zero_stage": 2,
+            "activation_checkpointing": "full",
+            "offload_optimizer": False,
+        },
+        "checkpoint": {"interval": 0},
+        "log": {"interval": 1, "eval_interval": 0},
+        "run_dir": str(work / "run"),
+        "seed": 0,
+    }
+
+
+def summarize_metrics(path: Path) -> dict[str, Any]:
+    """First/last loss and the steady-state throughput of a metrics.jsonl (steps past the first)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r and "step" in r]
+    if not train:
+        raise ValueError(f"{path}: no training rows")
+    steady = train[1:] or train
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in steady if isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "steps": train[-1]["step"],
+        "loss_first": train[0]["loss"],
+        "loss_last": train[-1]["loss"],
+        "tokens_per_s": mean("tokens_per_s"),
+        "mfu": mean("mfu"),
+        "peak_mem_gb": max((r.get("peak_mem_gb") or 0.0) for r in train),
+    }
+
+
+def _cli(args: list[str], timeout: float, env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "longtrain.launch", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"`longtrain {args[0]}` exited {r.returncode}: " + " | ".join(tail))
+
+
+def stage_pretrain(sh: Shapes, out: Path, budget_s: float) -> dict[str, Any]:
+    """tokenizer -> prepare -> pretrain (ZeRO-2, 20 steps) on this device; its metrics."""
+    import importlib.util
+
+    import yaml  # the trainer needs it anyway
+
+    for mod in ("deepspeed", "sentencepiece", "longtrain.train.trainer"):
+        if importlib.util.find_spec(mod) is None:
+            return {"skipped": f"{mod} does not import"}
+    if budget_s < 60:
+        return {"skipped": f"only {budget_s:.0f} s of the time budget left"}
+    deadline = time.monotonic() + budget_s
+    work = out / "pretrain"
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if sh.dry:
+        env["DS_ACCELERATOR"] = "cpu"
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
+    t0 = time.monotonic()
+    tok, data = work / "tokenizer", work / "data"
+    vocab = "1024" if sh.dry else "8000"
+    _cli(["tokenizer", "--corpus", "stdlib", "--vocab-size", vocab, "--sample-mb", "4",
+          "--out", str(tok)], left(), env)  # fmt: skip
+    _cli(
+        ["prepare", "--corpus", "stdlib", "--tokenizer", str(tok), "--out", str(data)], left(), env
+    )
+    cfg_path = work / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(pretrain_job(work, sh.dry)))
+    t1 = time.monotonic()
+    _cli(["pretrain", "--config", str(cfg_path)], left(), env)
+    res = summarize_metrics(work / "run" / "metrics.jsonl")
+    res.update({"data_s": t1 - t0, "pretrain_s": time.monotonic() - t1, "zero_stage": 2})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _run_stage(name: str, fn: Callable[[], dict[str, Any]], report: dict[str, Any]) -> None:
+    t0 = time.monotonic()
+    try:
+        report[name] = fn()
+    except Exception as e:
+        report[name] = {
+            "error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
+            "traceback": traceback.format_exc()[-3000:],
+        }
+    report[name]["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"[gpu_check] {name}: {report[name]['seconds']} s", file=sys.stderr, flush=True)
+
+
+def _fmt(x: Any, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The short table printed last."""
+    lines = [
+        f"gpu_check on {report['device']} (torch {report['torch']}, dry run: {report['dry_run']})"
+    ]
+    mm = report.get("matmul", {})
+    lines.append(f"  matmul peak ({mm.get('dtype', '?')}): {_fmt(mm.get('peak_tflops'))} TFLOP/s")
+    cores = report.get("cores", {})
+    for r in cores.get("results", []):
+        if "error" in r:
+            lines.append(f"  core {r['core']:<13} FAIL  {r['error']}")
+            continue
+        errs = " ".join(
+            f"{k}={r[k]['err']:.1e}/{r[k]['tol']:.1e}" for k in ("out", "dq", "dk", "dv")
+        )
+        lines.append(f"  core {r['core']:<13} {'ok  ' if r['ok'] else 'FAIL'}  err/tol {errs}")
+    for name, why in cores.get("skipped", {}).items():
+        lines.append(f"  core {name:<13} skip  {why}")
+    if "error" in cores:
+        lines.append(f"  cores: ERROR {cores['error']}")
+    model = report.get("model", {})
+    if "rows" in model:
+        lines.append(
+            f"  {model['flavor']} fwd+bwd ({model['core']}, full AC, chunked loss):"
+            f" {'seq':>6} {'tok/s':>9} {'TFLOP/s':>8} {'MFU meas':>8} {'MFU sheet':>9} {'mem GB':>7} {'plan GB':>7}"
+        )
+        for r in model["rows"]:
+            lines.append(
+                f"  {'':<47} {r['seq_len']:>6} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} "
+                f"{_fmt(r['mfu_vs_measured'], '.1%'):>8} {_fmt(r['mfu_vs_datasheet'], '.1%'):>9} "
+                f"{_fmt(r.get('max_allocated_gb'), '.1f'):>7} {r['planner_gb']:>7.1f}"
+            )
+    elif "error" in model:
+        lines.append(f"  model: ERROR {model['error']}")
+    pt = report.get("pretrain", {})
+    if "skipped" in pt:
+        lines.append(f"  pretrain: skipped ({pt['skipped']})")
+    elif "error" in pt:
+        lines.append(f"  pretrain: ERROR {pt['error']}")
+    elif pt:
+        lines.append(
+            f"  pretrain ZeRO-{pt['zero_stage']} {pt['steps']} steps: loss {pt['loss_first']:.3f} -> "
+            f"{pt['loss_last']:.3f}, {_fmt(pt['tokens_per_s'], '.0f')} tok/s, MFU "
+            f"{_fmt(pt['mfu'], '.1%')}, peak {_fmt(pt['peak_mem_gb'])} GB"
+        )
+    lines.append(f"  total {report['seconds']:.0f} s; JSON: {report['json']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Check the GPU path (see bench/gpu_check.py).")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU, fp32")
+    ap.add_argument("--out", default=None, help="output directory (default runs/gpu_check/<time>)")
+    ap.add_argument(
+        "--skip-pretrain", action="store_true", help="skip the `longtrain pretrain` stage"
+    )
+    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this")
+    args = ap.parse_args(argv)
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
+        print(
+            "gpu_check: no CUDA device visible; use --cpu-dry-run on a CPU machine", file=sys.stderr
+        )
+        return 2
+    t_start = time.monotonic()
+    out = Path(args.out or f"runs/gpu_check/{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    sh = Shapes(dry)
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "dry_run": dry,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if not dry else f"CPU ({platform.machine()})",
+        "host": platform.node(),
+        "json": str(out / "gpu_check.json"),
+    }
+    try:
+        import flash_attn
+
+        report["flash_attn"] = flash_attn.__version__
+    except Exception as e:
+        report["flash_attn"] = f"not importable ({type(e).__name__})"
+    _run_stage("matmul", lambda: stage_matmul(sh), report)
+    _run_stage("cores", lambda: stage_cores(sh), report)
+    peak = report["matmul"].get("peak_tflops")
+    _run_stage("model", lambda: stage_model(sh, peak), report)
+    if args.skip_pretrain:
+        report["pretrain"] = {"skipped": "--skip-pretrain"}
+    else:
+        budget = args.budget_s - (time.monotonic() - t_start)
+        _run_stage("pretrain", lambda: stage_pretrain(sh, out, budget), report)
+    report["seconds"] = time.monotonic() - t_start
+    report["ok"] = bool(report["cores"].get("ok")) and "rows" in report["model"]
+    Path(report["json"]).write_text(json.dumps(report, indent=2, default=str))
+    print(summary_table(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
