@@ -72,23 +72,35 @@ def _init_worker(model_bytes: bytes, meta: dict, sft: bool, text_field: str) -> 
     _TOK, _SFT, _TEXT_FIELD = Tokenizer(model_bytes, meta), sft, text_field
 
 
-def _encode(item: tuple[str, dict]) -> tuple[str, list[int] | None, list[int] | None, str | None]:
-    """(doc_id, ids, mask, error): ids None for an empty document, error for a bad record."""
+def _encode(
+    item: tuple[str, dict],
+) -> tuple[str, np.ndarray | None, np.ndarray | None, str | None]:
+    """(doc_id, ids + EOS, mask, error): ids None for an empty document, error for a bad record.
+
+    Arrays (not lists) travel back to the parent: pickling them is far cheaper.
+    """
     from longtrain.data.sft import encode_record
 
     doc_id, row = item
     assert _TOK is not None
+    dtype = token_dtype(_TOK.vocab_size)
     try:
         if _SFT:
             ids, mask = encode_record(_TOK, doc_id, row)
-            return doc_id, ids, mask, None
+            # EOS closes the record like any document; it is not a trained target.
+            return (
+                doc_id,
+                np.array([*ids, _TOK.eos_id], dtype=dtype),
+                np.array([*mask, 0], dtype=np.uint8),
+                None,
+            )
         text = record_text(doc_id, row, _TEXT_FIELD)
     except LongtrainError as e:
         return doc_id, None, None, str(e)
     # Whitespace-only documents (empty __init__.py files) carry nothing to learn.
     if not text.strip():
         return doc_id, None, None, None
-    return doc_id, _TOK.encode(text), None, None
+    return doc_id, np.array([*_TOK.encode(text), _TOK.eos_id], dtype=dtype), None, None
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -118,20 +130,20 @@ def verify_shard(data_dir: Path, shard: dict) -> bool:
 
 
 class _Chunk:
-    """Documents of one chunk, per split, until written."""
+    """Documents (ids + EOS) of one chunk, per split, until written."""
 
     def __init__(self) -> None:
-        self.ids: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-        self.masks: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        self.ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.stored = 0
 
-    def add(self, split: str, ids: list[int], mask: list[int] | None, eos: int) -> None:
-        self.ids[split].append([*ids, eos])
+    def add(self, split: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        self.ids[split].append(ids)
         if mask is not None:
-            self.masks[split].append([*mask, 0])
-        self.stored += len(ids) + 1
+            self.masks[split].append(mask)
+        self.stored += len(ids)
 
-    def write(self, out: Path, index: int, dtype: np.dtype, sft: bool) -> dict[str, dict]:
+    def write(self, out: Path, index: int, sft: bool) -> dict[str, dict]:
         shards = {}
         for split in SPLITS:
             docs = self.ids[split]
@@ -140,17 +152,12 @@ class _Chunk:
             name = f"{split}_{index:05d}"
             lengths = np.array([len(d) for d in docs], dtype=np.int64)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            tokens = np.fromiter(
-                itertools.chain.from_iterable(docs), dtype=dtype, count=offsets[-1]
-            )
             sha = {
-                f"{name}.npy": _save_npy(out / f"{name}.npy", tokens),
+                f"{name}.npy": _save_npy(out / f"{name}.npy", np.concatenate(docs)),
                 f"{name}.idx.npy": _save_npy(out / f"{name}.idx.npy", offsets),
             }
             if sft:
-                m = np.fromiter(
-                    itertools.chain.from_iterable(self.masks[split]), np.uint8, count=offsets[-1]
-                )
+                m = np.concatenate(self.masks[split])
                 sha[f"{name}.mask.npy"] = _save_npy(out / f"{name}.mask.npy", m)
             shards[split] = {
                 "tokens": f"{name}.npy",
@@ -268,7 +275,7 @@ def prepare(
 
     def flush() -> None:
         index = len(state["chunks"])
-        shards = chunk.write(out, index, dtype, sft)
+        shards = chunk.write(out, index, sft)
         for split, sh in shards.items():
             counts[split]["stored_tokens"] += sh["stored_tokens"]
         state["chunks"].append(
@@ -294,13 +301,13 @@ def prepare(
                 if len(stats.first_bad) < 10:
                     stats.first_bad.append(error)
                 continue
-            if not ids:
+            if ids is None:
                 dropped += 1
                 continue
             split = "val" if is_val(doc_id, val_fraction) else "train"
-            chunk.add(split, ids, mask, tok.eos_id)
+            chunk.add(split, ids, mask)
             counts[split]["documents"] += 1
-            counts[split]["tokens"] += len(ids)
+            counts[split]["tokens"] += len(ids) - 1
             if chunk.stored >= shard_tokens:
                 flush()
                 chunk = _Chunk()
