@@ -31,6 +31,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,27 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+class _Throttle:
+    """Bounds the records handed to the pool but not yet consumed by the parent."""
+
+    def __init__(self, limit: int) -> None:
+        self.sem = threading.Semaphore(limit)
+        self.stop = threading.Event()
+
+    def feed(self, rows: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
+        for row in rows:
+            self.sem.acquire()
+            if self.stop.is_set():
+                return
+            yield row
+
+    def close(self) -> None:
+        # Wake a feeder blocked in acquire() so the pool's task thread can end (terminate()
+        # joins it).
+        self.stop.set()
+        self.sem.release()
 
 
 def verify_shard(data_dir: Path, shard: dict) -> bool:
@@ -265,8 +287,12 @@ def prepare(
         pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(
             workers, _init_worker, init_args
         )
-        results = pool.imap(_encode, rows, chunksize=16)
+        # Pool.imap drains its input eagerly in a feeder thread; the semaphore bounds the
+        # records in flight so a corpus larger than memory streams through.
+        throttle = _Throttle(workers * 256)
+        results = pool.imap(_encode, throttle.feed(rows), chunksize=16)
     else:
+        throttle = None
         _init_worker(*init_args)
         results = map(_encode, rows)
 
@@ -292,6 +318,8 @@ def prepare(
 
     try:
         for doc_id, ids, mask, error in results:
+            if throttle is not None:
+                throttle.sem.release()
             n_records += 1
             bar.update(1)
             if error is not None:
@@ -315,6 +343,8 @@ def prepare(
             flush()
     finally:
         bar.close()
+        if throttle is not None:
+            throttle.close()
         if pool is not None:
             pool.terminate()
             pool.join()

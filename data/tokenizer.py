@@ -288,6 +288,14 @@ def save_hf_tokenizer(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLi
         )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out_dir))
+    # transformers 5 keeps the template in chat_template.jinja; older readers look in
+    # tokenizer_config.json, and 4.x LlamaTokenizerFast adds BOS unless told otherwise.
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(chat_template=CHAT_TEMPLATE, add_bos_token=False, add_eos_token=False)
+    for key in ("is_local", "local_files_only"):  # describe this process, not the files
+        cfg.pop(key, None)
+    _atomic_write(cfg_path, (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def cli_tokenizer(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +343,26 @@ def test_sft_prepare_and_loader_mask_token_by_token(tmp_path: Path) -> None:
     m = run(bad, tmp_path / "sb2", sft=True, skip_bad=True, val_fraction=0.0)
     assert m["bad_records"] == 3 and m["documents"] == 1
     assert "role 'bot'" in m["first_bad"][1] and "fields present: q" in m["first_bad"][2]
+
+
+@pytest.mark.timeout(120)
+def test_pool_error_midway_fails_fast_and_feed_is_bounded(tmp_path: Path) -> None:
+    rows = [{"text": f"x = {i}\n"} for i in range(3000)]
+    rows[40] = {"body": "no text"}
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(LongtrainError, match=r"c.jsonl:41: no field 'text'"):
+        run(corpus, tmp_path / "o", workers=2)
+    # The feeder (the pool's task thread) never runs more than `limit` records ahead.
+    throttle = prep._Throttle(5)
+    pulled: list[int] = []
+    t = threading.Thread(target=lambda: pulled.extend(throttle.feed(iter(range(100)))))
+    t.start()
+    time.sleep(0.3)
+    assert len(pulled) == 5
+    for _ in range(3):
+        throttle.sem.release()  # the parent consumed three results
+    time.sleep(0.3)
+    assert len(pulled) == 8
+    throttle.close()
+    t.join(timeout=5)
+    assert not t.is_alive() and len(pulled) == 8

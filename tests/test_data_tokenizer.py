@@ -123,6 +123,8 @@ def test_chat_template_matches_sft_ids(tok: Tokenizer, tmp_path: Path) -> None:
     save_hf_tokenizer(stdlib_tokenizer_dir(), tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.chat_template == CHAT_TEMPLATE
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == CHAT_TEMPLATE and cfg["add_bos_token"] is False
     msgs = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "def f(x):\n    return x"},
