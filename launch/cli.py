@@ -20,7 +20,7 @@ DISPATCH: dict[str, str] = {
     "prepare": "longtrain.data.prepare:cli_prepare",
     "pretrain": "longtrain.train.trainer:cli_pretrain",
     "finetune": "longtrain.train.trainer:cli_finetune",
-    "export-hf": "longtrain.model.hf:cli_export_hf",
+    "export-hf": "longtrain.train.trainer:cli_export_hf",
     "import-hf": "longtrain.model.hf:cli_import_hf",
     "eval": "longtrain.train.evaluate:cli_eval",
     "plan": "longtrain.train.plan:cli_plan",

@@ -124,7 +124,7 @@ class CheckpointSection:
     interval: int = 1000
     """Save every this many steps (and always at the end); 0 = only at the end."""
     keep: int = 3
-    """Committed checkpoints to keep; older ones are deleted after a new one commits."""
+    """Committed checkpoints to keep (>= 2); older ones are deleted after a new one commits."""
     resume: str = "auto"
     """auto (latest committed checkpoint in run_dir, if any) | never | PATH to one checkpoint."""
 
@@ -345,7 +345,7 @@ def check_fields(job: JobConfig) -> None:
     )
     need(p.dtype in DTYPES, f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{p.dtype}'")
     need(c.interval >= 0, "checkpoint.interval must be >= 0")
-    need(c.keep >= 1, "checkpoint.keep must be >= 1")
+    need(c.keep >= 2, f"checkpoint.keep={c.keep}: keep at least 2 (a new checkpoint may be torn)")
     need(lg.interval >= 1, "log.interval must be >= 1")
     need(lg.eval_interval >= 0, "log.eval_interval must be >= 0")
     need(bool(job.run_dir), "run_dir must not be empty")

@@ -187,8 +187,12 @@ def build_model(
     setup_accelerator_env()
     import deepspeed
 
+    from longtrain.model.attention import resolve_core_name
     from longtrain.model.transformer import Transformer
 
+    # Resolve "auto" before zero.Init: probing cores imports torch._dynamo, which breaks while
+    # zero.Init has patched tensor constructors.
+    core = resolve_core_name(job.model.attention)
     if job.parallel.zero_stage == 3:
         remote = "cpu" if job.parallel.offload_params else None
         with deepspeed.zero.Init(
@@ -198,14 +202,14 @@ def build_model(
             # dtype stays None: DeepSpeed then takes it from the config (bf16 or fp32). An
             # explicit dtype is ignored on accelerators without fp16 (CPU), which get bf16.
         ):
-            model = Transformer(cfg, attention=job.model.attention)
+            model = Transformer(cfg, attention=core)
         _init_zero3(model, job.seed)
         # The LM head weight is used by the top-level forward (chunked loss), outside the
         # module that owns it; ZeRO-3 must gather it for that forward and its backward.
         deepspeed.zero.register_external_parameter(model, model.head_weight)
     else:
         with torch.device("meta"):
-            model = Transformer(cfg, attention=job.model.attention)
+            model = Transformer(cfg, attention=core)
         model.to_empty(device=device)
         torch.manual_seed(job.seed)
         model.init_weights()

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -149,25 +148,6 @@ def evaluate(
     return total / max(count, 1.0), int(count)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _quiet_deepspeed(rank: int) -> None:
     """DeepSpeed logs at INFO on every rank; keep warnings (rank 0) and errors."""
     try:
@@ -239,12 +219,16 @@ def run(job: JobConfig) -> int:
     elif job.checkpoint.resume != "never":
         resume_from = Path(job.checkpoint.resume)
     if resume_from is not None:
-        client = ckpt.load_checkpoint(engine, resume_from, load_optimizer=True)
+        client = ckpt.load_checkpoint(
+            engine,
+            resume_from,
+            load_optimizer=True,
+            model_config=cfg.to_dict(),
+            tokenizer_hash=manifest.get("tokenizer_hash"),
+        )
         start_step = int(client["step"])
         tokens_seen = int(client.get("tokens_seen", 0))
         loader.load_state_dict(client["loader"])
-        if "rng" in client:
-            _set_rng_state(client["rng"])
         if is_main:
             print(f"longtrain: resumed from {resume_from} at step {start_step}", flush=True)
 
@@ -274,7 +258,6 @@ def run(job: JobConfig) -> int:
             "step": step,
             "tokens_seen": tokens_seen,
             "loader": loader.state_dict(),
-            "rng": _rng_state(),
             "config": job.to_dict(),
             "tokenizer_hash": manifest.get("tokenizer_hash"),
             "world_size": world,
@@ -301,7 +284,7 @@ def run(job: JobConfig) -> int:
         dynamic_ncols=True,
     )
     bad_streak, last_saved = 0, None
-    win_tokens, win_start = 0, time.perf_counter()
+    win_tokens, win_start, win_losses = 0, time.perf_counter(), []
     step = start_step
     stopped_early = False
     try:
@@ -332,6 +315,7 @@ def run(job: JobConfig) -> int:
                     )
             else:
                 bad_streak = 0
+                win_losses.append(res.loss)
             bar.update(1)
             if is_main:
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
@@ -344,7 +328,8 @@ def run(job: JobConfig) -> int:
                 (mem,) = _all_max([peak_memory_gb(device)], device)
                 row = {
                     "step": step,
-                    "loss": res.loss,
+                    # Mean over the steps since the last row: one noisy window is not the trend.
+                    "loss": float(np.mean(win_losses)),
                     "lr": lr,
                     "grad_norm": res.grad_norm,
                     "tokens": tokens_seen,
@@ -356,10 +341,11 @@ def run(job: JobConfig) -> int:
                     vl, _ = evaluate(engine, job, topo, device)
                     row.update({"val_loss": vl, "val_ppl": float(np.exp(min(vl, 50)))})
                 logger.log(row)
-                win_tokens, win_start = 0, time.perf_counter()
+                win_tokens, win_start, win_losses = 0, time.perf_counter(), []
             ci = job.checkpoint.interval
             if ci and step % ci == 0 and step < job.train.steps and bad_streak == 0:
                 last_saved = save(step)
+                win_start = time.perf_counter()  # saving is not training throughput
             if handler.should_stop():
                 if bad_streak == 0:
                     last_saved = save(step)
@@ -374,6 +360,8 @@ def run(job: JobConfig) -> int:
     finally:
         bar.close()
         logger.close()
+        handler.finish()
+        handler.uninstall()
     png = logger.plot()
     if is_main:
         print(f"longtrain: done at step {step}; checkpoint {last_saved}", flush=True)
@@ -413,5 +401,61 @@ def cli_pretrain(args: argparse.Namespace) -> int:
 
 
 def cli_finetune(args: argparse.Namespace) -> int:
-    """``longtrain finetune``: not in this trainer yet."""
-    raise LongtrainError("finetune: not yet implemented in this trainer; use `longtrain pretrain`")
+    """``longtrain finetune``: SFT, context extension, stages, LoRA, classification."""
+    from longtrain.train.finetune import cli_finetune as run_cli  # its own module (issue 6)
+
+    return run_cli(args)
+
+
+def cli_export_hf(args: argparse.Namespace) -> int:
+    """``longtrain export-hf --checkpoint RUN_DIR|CHECKPOINT --out DIR``.
+
+    A training checkpoint (DeepSpeed shards of any ZeRO stage, or a run directory: its latest
+    committed checkpoint) is consolidated on the CPU and written with ``longtrain.model.hf``.
+    A model-only directory (``import-hf`` output: model_config.json + model.safetensors) is
+    handed to the model room's exporter as it is. Without ``--tokenizer`` the tokenizer the
+    run's data was prepared with is included when it can be found.
+    """
+    from longtrain.model import hf
+
+    src = Path(args.checkpoint)
+    if (src / "model.safetensors").is_file() and (src / "model_config.json").is_file():
+        return hf.cli_export_hf(args)
+    ckpt = _checkpoint_api()
+    path = ckpt.resolve_checkpoint(src)
+    from longtrain.model.config import ModelConfig
+    from longtrain.model.transformer import Transformer
+
+    cfg_file = path / "model_config.json"
+    if not cfg_file.is_file():
+        raise LongtrainError(f"{path}: no model_config.json; not a longtrain training checkpoint")
+    cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    sd = ckpt.consolidate_state_dict(path)
+    sd = hf._lora_merged(sd, path, args.merge_lora)
+    # Build on meta and adopt the consolidated tensors: the model never exists twice in memory.
+    with torch.device("meta"):
+        model = Transformer(cfg, attention="sdpa")
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if unexpected or still_meta:
+        raise LongtrainError(
+            f"{path}: weights do not match model_config.json (missing {still_meta[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.rope.to_empty(device="cpu")
+    model.rope.reset_parameters()
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        state = ckpt.read_client_state(path)
+        data_dir = state.get("config", {}).get("data", {}).get("dir", "")
+        cand = Path(data_dir) / "tokenizer" if data_dir else None
+        if cand is not None and (cand / "tokenizer_meta.json").is_file():
+            tokenizer = str(cand)
+    elif not Path(tokenizer).is_dir():
+        raise LongtrainError(f"--tokenizer {tokenizer}: not a directory")
+    files = hf.save_hf(
+        model, args.out, tokenizer=tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size
+    )
+    tok = f", tokenizer from {tokenizer}" if tokenizer else ", no tokenizer"
+    print(f"exported {path} -> {args.out} ({len(files)} model files, {args.dtype}{tok})")
+    return 0
