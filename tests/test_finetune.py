@@ -1,0 +1,146 @@
+"""Fine-tuning: SFT masks + chat template, context extension, staged resume, LoRA, classification.
+
+Each ``longtrain finetune`` run is a real subprocess (one rank, DeepSpeed on CPU, fp32) on a
+0.2M-parameter model and a small corpus of stdlib files tokenized once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from longtrain.data.corpus import CorpusSpec, iter_texts, stdlib_files
+from longtrain.data.prepare import prepare
+from longtrain.data.tokenizer import Tokenizer, train_tokenizer
+
+SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
+TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenizer (vocab 512) + prepared LM data (~1.4M tokens of stdlib code) + SFT data."""
+    root = tmp_path_factory.mktemp("ft")
+    corp = root / "corpus"
+    corp.mkdir()
+    for f in [f for f in stdlib_files() if f.stat().st_size > 20000][:60]:
+        (corp / f"{f.parent.name}_{f.name}.txt").write_text(f.read_text(errors="replace"))
+    docs = list(iter_texts(CorpusSpec(str(corp / "*.txt"))))
+    train_tokenizer(docs, root / "tok", vocab_size=512, sample_mb=1, progress=False)
+    prepare(CorpusSpec(str(corp / "*.txt")), root / "tok", root / "data", workers=1,
+            val_fraction=0.1, progress=False)  # fmt: skip
+    rng = random.Random(0)
+    with open(root / "chat.jsonl", "w") as f:
+        for i in range(400):
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            msgs = [{"role": "user", "content": f"add {a} and {b}"},
+                    {"role": "assistant", "content": f"return {a + b}"}]  # fmt: skip
+            if i % 3 == 0:
+                msgs.insert(0, {"role": "system", "content": "def calc(x):"})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    prepare(CorpusSpec(str(root / "chat.jsonl")), root / "tok", root / "sft", workers=1,
+            val_fraction=0.1, sft=True, progress=False)  # fmt: skip
+    return root
+
+
+def finetune(cfg: dict, overrides: list[str] = (), env: dict | None = None, check: bool = True):
+    """Run ``python -m longtrain.launch finetune`` in a subprocess; returns the CompletedProcess."""
+    path = Path(cfg["run_dir"] + ".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", **(env or {})}
+    cmd = [sys.executable, "-m", "longtrain.launch", "finetune", "--config", str(path), *overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=full_env)
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"finetune failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
+    return p
+
+
+def base_cfg(run_dir: Path, data: Path, **sections) -> dict:
+    cfg = {
+        "model": {
+            "flavor": "debug",
+            "attention": "sdpa",
+            "overrides": {**SHAPE, "vocab_size": 512},
+        },
+        "data": {"dir": str(data), "seq_len": 64, "attention": "causal", "val_batches": 2},
+        "train": {"steps": 6, "micro_batch": 2, "lr": 2e-3, "warmup": 1, "schedule": "constant"},
+        "parallel": {"zero_stage": 1, "dtype": "fp32", "timeout_s": 120},
+        "checkpoint": {"interval": 0, "keep": 2},
+        "log": {"interval": 1, "eval_interval": 0, "tensorboard": False, "progress": False},
+        "run_dir": str(run_dir),
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# ---- SFT ----------------------------------------------------------------------------------
+
+
+def test_sft_mask_token_by_token_and_chat_template_round_trip(work: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from longtrain.data.loader import DistributedLoader
+    from longtrain.data.tokenizer import save_hf_tokenizer
+
+    tok = Tokenizer.load(work / "tok")
+    role_of = {v: k for k, v in tok.role_ids.items()}
+    loader = DistributedLoader(work / "sft", seq_len=128, micro_batch=4, attention="document")
+    checked = trained = 0
+    for _ in range(3):
+        b = loader.__next__()
+        for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+            # Walk the window: a role marker opens a message and the tokens after it belong to
+            # it; before the first marker or EOS the window started mid-message (unknown).
+            role, known = None, False
+            for t in range(len(ids) - 1):  # the last input's target lies outside the window
+                if ids[t] in role_of:
+                    role, known = role_of[ids[t]], True
+                elif ids[t] == tok.eos_id:
+                    role, known = None, True
+                if not known:
+                    continue
+                nxt = ids[t + 1]
+                # Trained: assistant content and its <|end|>; never a marker, EOS or other roles.
+                want = role == "assistant" and nxt not in role_of and nxt != tok.eos_id
+                assert (labels[t] != -100) == want, (t, ids[max(0, t - 3) : t + 2], labels[t])
+                if want:
+                    assert labels[t] == nxt
+                    trained += 1
+                checked += 1
+    assert checked > 1000 and trained > 100, (checked, trained)
+    # The exported tokenizer's chat template reproduces the training ids exactly.
+    out = tmp_path / "hf_tok"
+    save_hf_tokenizer(work / "tok", out)
+    hf = AutoTokenizer.from_pretrained(str(out))
+    from longtrain.data.sft import encode_chat
+
+    for line in (work / "chat.jsonl").read_text().splitlines()[:20]:
+        msgs = json.loads(line)["messages"]
+        ids, _ = encode_chat(tok, msgs)
+        got = hf.apply_chat_template(msgs, tokenize=True)
+        got = got["input_ids"] if isinstance(got, dict) or hasattr(got, "keys") else got
+        assert list(got) == ids
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|assistant|>" in cfg["chat_template"]
