@@ -428,6 +428,46 @@ def run_finetune(job: JobConfig) -> int:
     return 0
 
 
+def export_hook(args: argparse.Namespace) -> int | None:
+    """``export-hf`` of fine-tuning outputs; None when the source is not one (plain export).
+
+    Handles a model dir with ``head_config.json`` (classification), and a training checkpoint
+    or run dir whose run had LoRA or a task head: it is first written as a model dir with
+    its ``lora_config.json`` / ``head_config.json`` (what ``run_dir/final`` holds), then
+    exported from there.
+    """
+    import tempfile
+
+    from longtrain.model import hf
+    from longtrain.model.heads import cli_export_hf, read_head_config
+
+    src = Path(args.checkpoint)
+    if (src / "model_config.json").is_file() and (src / "model.safetensors").is_file():
+        return cli_export_hf(args) if read_head_config(src) else None
+    from longtrain.train import checkpoint as ckpt
+
+    try:
+        path = ckpt.resolve_checkpoint(src)
+        state = ckpt.read_client_state(path)
+    except (LongtrainError, OSError, ValueError):
+        return None
+    job_dict = state.get("config") or {}
+    ft = job_dict.get("finetune") or {}
+    if not (ft.get("task") == "classify" or (ft.get("lora") or {}).get("rank")):
+        return None
+    job = load_job(None, [])
+    job.finetune.task = ft.get("task", "lm")
+    job.finetune.num_labels = int(ft.get("num_labels", 2))
+    for k, v in (ft.get("lora") or {}).items():
+        setattr(job.finetune.lora, k, v)
+    pad = (state.get("finetune") or {}).get("pad_token_id")
+    with tempfile.TemporaryDirectory(prefix="longtrain-export-") as tmp:
+        out = Path(tmp) / "model"
+        write_model_output(path, out, job, pad, {"step": state.get("step")})
+        sub = argparse.Namespace(**{**vars(args), "checkpoint": str(out)})
+        return cli_export_hf(sub) if job.finetune.task == "classify" else hf.cli_export_hf(sub)
+
+
 def cli_finetune(args: argparse.Namespace) -> int:
     """``longtrain finetune --config FILE [overrides]``."""
     from longtrain.train.trainer import _quiet_errors_off_rank0

@@ -417,7 +417,11 @@ def cli_export_hf(args: argparse.Namespace) -> int:
     run's data was prepared with is included when it can be found.
     """
     from longtrain.model import hf
+    from longtrain.train.finetune import export_hook
 
+    done = export_hook(args)  # LoRA / classification outputs of `longtrain finetune`
+    if done is not None:
+        return done
     src = Path(args.checkpoint)
     if (src / "model.safetensors").is_file() and (src / "model_config.json").is_file():
         return hf.cli_export_hf(args)
