@@ -32,7 +32,11 @@ GB = 1e9
 
 @dataclass
 class Case:
-    """One measured configuration (single process, fp32, SDPA core, ZeRO-0 semantics)."""
+    """One measured configuration (fp32, SDPA core).
+
+    ``trainer=False``: one process, plain AdamW (ZeRO-0 semantics). ``trainer=True``:
+    ``longtrain pretrain`` (DeepSpeed) on ``ranks`` processes with ``sp`` and ``zero``.
+    """
 
     flavor: str
     seq_len: int
@@ -42,11 +46,18 @@ class Case:
     loss_chunk: int = 1024
     steps: int = 3
     docs: int = 4
+    trainer: bool = False
+    ranks: int = 1
+    sp: int = 1
+    zero: int = 0
 
     @property
     def name(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.overrides.items())
-        return f"{self.flavor}{'(' + extra + ')' if extra else ''} s={self.seq_len} ac={self.checkpointing}"
+        name = f"{self.flavor}{'(' + extra + ')' if extra else ''} s={self.seq_len} ac={self.checkpointing}"
+        if self.trainer:
+            name += f" pretrain ranks={self.ranks} sp={self.sp} zero={self.zero}"
+        return name
 
 
 CASES = [
@@ -56,8 +67,16 @@ CASES = [
     Case("tiny", 8192, "selective"),
     Case("125m", 2048, "none", {"n_layers": 2}),
     Case("125m", 4096, "full", {"n_layers": 4}),
+    # The real trainer (DeepSpeed, fp32 on CPU): ZeRO stages, DP and SP over 2 ranks.
+    Case("tiny", 4096, "none", trainer=True, ranks=1, zero=0),
+    Case("125m", 2048, "full", {"n_layers": 4}, trainer=True, ranks=2, zero=1),
+    Case("125m", 2048, "full", {"n_layers": 4}, trainer=True, ranks=2, zero=2),
+    Case("125m", 2048, "full", {"n_layers": 4}, trainer=True, ranks=2, zero=3),
+    Case("tiny", 8192, "none", trainer=True, ranks=2, sp=2, zero=2),
+    Case("tiny", 16384, "full", trainer=True, ranks=2, sp=2, zero=3),
 ]
 QUICK = [CASES[1], CASES[2]]
+DATA = os.path.join("runs", "bench_plan_data")
 
 
 def predict(case: Case) -> dict[str, float]:
@@ -65,17 +84,52 @@ def predict(case: Case) -> dict[str, float]:
     from longtrain.model.config import get_flavor
     from longtrain.train.plan import CPU, PlanInput, memory
 
+    cfg = get_flavor(case.flavor, **case.overrides)
+    if case.trainer:  # the vocabulary comes from the prepared data, as in the trainer
+        cfg = cfg.replace(vocab_size=_data_vocab(), max_seq_len=max(cfg.max_seq_len, case.seq_len))
     p = PlanInput(
-        model=get_flavor(case.flavor, **case.overrides),
+        model=cfg,
         seq_len=case.seq_len,
         micro_batch=case.micro_batch,
-        zero_stage=0,
+        sp=case.sp,
+        zero_stage=case.zero,
         activation_checkpointing=case.checkpointing,
         loss_chunk=case.loss_chunk,
         precision="fp32",
         attention="sdpa",
+        reduce_bucket=50_000_000,  # the trainer's DeepSpeed config on CPU
     )
-    return memory(p, 1, CPU).as_gb()
+    return memory(p, case.ranks, CPU).as_gb()
+
+
+def _data_vocab() -> int:
+    with open(os.path.join(DATA, "data", "manifest.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
+def ensure_data() -> str:
+    """Tokenizer + prepared embedded corpus for the trainer cases (made once, under runs/)."""
+    data = os.path.join(DATA, "data")
+    if os.path.isfile(os.path.join(data, "manifest.json")):
+        return data
+    tok = os.path.join(DATA, "tok")
+    for args in (
+        [
+            "tokenizer",
+            "--corpus",
+            "stdlib",
+            "--vocab-size",
+            "8000",
+            "--sample-mb",
+            "4",
+            "--out",
+            tok,
+        ],
+        ["prepare", "--corpus", "stdlib", "--tokenizer", tok, "--out", data, "--workers", "1"],
+    ):
+        subprocess.run([sys.executable, "-m", "longtrain.launch", *args], check=True,
+                       capture_output=True, timeout=1800)  # fmt: skip
+    return data
 
 
 def _rss_bytes() -> int:
@@ -163,19 +217,110 @@ def _worker(spec: str) -> None:
     print(json.dumps({"measured_gb": (peak - base) / GB, "seconds": time.perf_counter() - t0}))
 
 
+def _job_yaml(case: Case, run_dir: str) -> str:
+    import yaml
+
+    job = {
+        "model": {"flavor": case.flavor, "attention": "sdpa", "overrides": dict(case.overrides)},
+        "data": {"dir": os.path.abspath(os.path.join(DATA, "data")), "seq_len": case.seq_len},
+        "train": {"steps": case.steps, "micro_batch": case.micro_batch, "warmup": 1,
+                  "loss_chunk_size": case.loss_chunk},
+        "parallel": {"sp": case.sp, "zero_stage": case.zero,
+                     "activation_checkpointing": case.checkpointing, "timeout_s": 300},
+        "checkpoint": {"interval": 0, "resume": "never"},
+        "log": {"interval": 1, "eval_interval": 0, "tensorboard": False, "progress": False},
+        "run_dir": run_dir,
+    }  # fmt: skip
+    path = os.path.join(run_dir, "job.yaml")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f)
+    return path
+
+
+def _trainer_worker(spec: str, out_dir: str) -> None:
+    """One rank of ``longtrain pretrain``; records its own peak RSS at the last logged step."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(1)
+    case = Case(**json.loads(spec))
+    # Everything the trainer imports, and the kernels it runs, before the baseline.
+    import deepspeed  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+
+    import longtrain.data.loader  # noqa: F401
+    import longtrain.train.trainer as trainer
+    from longtrain.launch.cli import main as cli_main
+
+    _train(case, warm=True)
+    gc.collect()
+    base = _rss_bytes()
+    seen: dict[str, int] = {}
+    real = trainer.peak_memory_gb
+
+    def probe(device: Any) -> float:  # called at every logged step, before the final save
+        seen["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return real(device)
+
+    trainer.peak_memory_gb = probe
+    t0 = time.perf_counter()
+    rc = cli_main(["pretrain", "--config", _job_yaml(case, os.path.join(out_dir, "run"))])
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rc": rc, "measured_gb": (seen["peak"] - base) / GB,
+                   "seconds": time.perf_counter() - t0}, f)  # fmt: skip
+
+
+def _measure_trainer(case: Case, timeout: float) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    ensure_data()
+    out_dir = tempfile.mkdtemp(prefix="bench_plan_")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")  # fmt: skip
+    me = [
+        os.path.abspath(__file__),
+        "--trainer-worker",
+        json.dumps(asdict(case)),
+        "--out-dir",
+        out_dir,
+    ]
+    if case.ranks == 1:
+        cmd = [sys.executable, *me]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={case.ranks}", *me]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"{case.name}: worker failed:\n{(out.stderr or out.stdout)[-3000:]}")
+        ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(case.ranks)]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    worst = max(ranks, key=lambda r: r["measured_gb"])
+    return {"measured_gb": worst["measured_gb"], "seconds": worst["seconds"],
+            "per_rank_gb": [round(r["measured_gb"], 3) for r in ranks]}  # fmt: skip
+
+
 def measure(case: Case, timeout: float = 600.0) -> dict[str, Any]:
     """Run ``case`` in a fresh process; predicted and measured peak (GB) and their ratio."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(case))],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{case.name}: worker failed:\n{out.stderr[-2000:]}")
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if case.trainer:
+        got = _measure_trainer(case, timeout)
+    else:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(case))],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{case.name}: worker failed:\n{out.stderr[-2000:]}")
+        got = json.loads(out.stdout.strip().splitlines()[-1])
     pred = predict(case)
     return {
         "case": case.name,
@@ -191,18 +336,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two small configurations")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--only", default=None, help="run only cases whose name contains this")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--trainer-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(args.worker)
         return
+    if args.trainer_worker:
+        _trainer_worker(args.trainer_worker, args.out_dir)
+        return
     rows = []
-    print(f"{'configuration':<44} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'s':>6}")
-    for case in QUICK if args.quick else CASES:
+    print(f"{'configuration':<70} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'s':>6}")
+    cases = QUICK if args.quick else CASES
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
+    for case in cases:
         r = measure(case)
         rows.append(r)
         print(
-            f"{r['case']:<44} {r['predicted_gb']:>9.3f} {r['measured_gb']:>9.3f} "
+            f"{r['case']:<70} {r['predicted_gb']:>9.3f} {r['measured_gb']:>9.3f} "
             f"{r['ratio']:>9.3f} {r['seconds']:>6.1f}",
             flush=True,
         )

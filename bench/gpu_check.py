@@ -209,19 +209,6 @@ def stage_cores(sh: Shapes) -> dict[str, Any]:
 # Model throughput
 
 
-class Checkpointed(torch.nn.Module):
-    """A block whose activations are recomputed in the backward (non-reentrant checkpoint)."""
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
 def planner_prediction(cfg: Any, seq_len: int, chunk: int, precision: str, core: str) -> float:
     """The planner's peak (GB) for weights + grads + activations, no optimizer, no reserve."""
     from longtrain.train.plan import CPU, PlanInput, memory
@@ -243,6 +230,7 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
     """fwd+bwd of the flavor at each seq_len: tokens/s, TFLOP/s, MFU, peak memory."""
     from longtrain.model.config import get_flavor
     from longtrain.model.transformer import Transformer
+    from longtrain.train.parallel import apply_activation_checkpointing
 
     device_name = torch.cuda.get_device_name() if sh.device.type == "cuda" else platform.processor()
     sheet = datasheet_peak(device_name) if sh.device.type == "cuda" else None
@@ -252,8 +240,7 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
     model.to_empty(device=sh.device)
     model.init_weights()
     model.to(sh.dtype)
-    for i, block in enumerate(model.layers):
-        model.layers[i] = Checkpointed(block)
+    apply_activation_checkpointing(model, "full")  # the trainer's own wrapping
     rows = []
     for T in sh.seq_lens:
         gen = torch.Generator().manual_seed(T)
@@ -357,11 +344,11 @@ def stage_pretrain(sh: Shapes, out: Path, budget_s: float) -> dict[str, Any]:
     """tokenizer -> prepare -> pretrain (ZeRO-2, 20 steps) on this device; its metrics."""
     import importlib.util
 
-    import yaml  # the trainer needs it anyway
-
-    for mod in ("deepspeed", "sentencepiece", "longtrain.train.trainer"):
+    for mod in ("deepspeed", "sentencepiece", "yaml", "numpy", "longtrain.train.trainer"):
         if importlib.util.find_spec(mod) is None:
-            return {"skipped": f"{mod} does not import"}
+            return {"skipped": f"{mod} is not installed"}
+    import yaml
+
     if budget_s < 60:
         return {"skipped": f"only {budget_s:.0f} s of the time budget left"}
     deadline = time.monotonic() + budget_s
@@ -418,7 +405,9 @@ def summary_table(report: dict[str, Any]) -> str:
         f"gpu_check on {report['device']} (torch {report['torch']}, dry run: {report['dry_run']})"
     ]
     mm = report.get("matmul", {})
-    lines.append(f"  matmul peak ({mm.get('dtype', '?')}): {_fmt(mm.get('peak_tflops'))} TFLOP/s")
+    lines.append(
+        f"  matmul peak ({mm.get('dtype', '?')}): {_fmt(mm.get('peak_tflops'), '.4g')} TFLOP/s"
+    )
     cores = report.get("cores", {})
     for r in cores.get("results", []):
         if "error" in r:
