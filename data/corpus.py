@@ -15,7 +15,8 @@ what gives stable per-file ids (``path`` or ``path:line``), errors naming the fi
 ``--skip-bad`` and ``--errors replace``, and constant memory for any size. ``.json``,
 ``.parquet``, ``.csv`` and saved datasets go through ``datasets`` (``load_dataset(fmt,
 data_files=...)`` / ``load_from_disk``), with ``--streaming`` for corpora larger than memory;
-their ids are ``<source>#<row>``.
+their ids are ``<name>#<row>``. File ids are relative to the glob's fixed prefix (or the
+file's directory), so the split does not depend on how the path was spelled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import itertools
 import json
 import os
 import sysconfig
@@ -133,20 +135,37 @@ def _decode(data: bytes, where: str, errors: str) -> str:
         ) from None
 
 
+def id_base(source: str) -> str:
+    """Directory that document ids are relative to: the glob's fixed prefix, or the file's
+    directory. Ids then do not depend on how the path was spelled (relative, absolute), so
+    the train/val split of a corpus is the same from any working directory."""
+    if glob.has_magic(source):
+        parts = Path(source).parts
+        fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+        return str(Path(*fixed)) if fixed else "."
+    return os.path.dirname(source) or "."
+
+
+def _rel(f: str, base: str) -> str:
+    return Path(os.path.relpath(f, base)).as_posix()
+
+
 def _iter_txt(files: list[str], spec: CorpusSpec) -> Iterator[tuple[str, dict]]:
+    base = id_base(spec.source)
     for f in files:
         if not spec.txt_per_line:
-            yield f, {"text": _decode(Path(f).read_bytes(), f, spec.errors)}
+            yield _rel(f, base), {"text": _decode(Path(f).read_bytes(), f, spec.errors)}
             continue
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 line = _decode(raw, f"{f}:{lineno}", spec.errors).rstrip("\r\n")
-                yield f"{f}:{lineno}", {"text": line}
+                yield f"{_rel(f, base)}:{lineno}", {"text": line}
 
 
 def _iter_jsonl(
     files: list[str], spec: CorpusSpec, stats: CorpusStats
 ) -> Iterator[tuple[str, dict]]:
+    base = id_base(spec.source)
     for f in files:
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -166,13 +185,15 @@ def _iter_jsonl(
                     if len(stats.first_bad) < 10:
                         stats.first_bad.append(f"{where}: {e}")
                     continue
-                yield where, row
+                yield f"{_rel(f, base)}:{lineno}", row
 
 
 def _iter_datasets(ds: Any, name: str) -> Iterator[tuple[str, dict]]:
+    # Ids use the source's last path component, for the same reason as id_base.
+    short = Path(name.rstrip("/")).name or name
     try:
         for i, row in enumerate(ds):
-            yield f"{name}#{i}", row
+            yield f"{short}#{i}", row
     except LongtrainError:
         raise
     except Exception as e:  # datasets wraps reader errors in several exception types

@@ -56,6 +56,13 @@ def is_val(doc_id: str, val_fraction: float) -> bool:
     return h < val_fraction * 2**64
 
 
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask under SLURM/containers)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id (< vocab_size) fits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
@@ -244,7 +251,7 @@ def prepare(
         raise LongtrainError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if shard_tokens < 1:
         raise LongtrainError(f"--shard-tokens {shard_tokens}: must be positive")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cores()
     if workers < 1:
         raise LongtrainError(f"--workers {workers}: must be at least 1")
     out = Path(out_dir)

@@ -366,3 +366,13 @@ def test_pool_error_midway_fails_fast_and_feed_is_bounded(tmp_path: Path) -> Non
     throttle.close()
     t.join(timeout=5)
     assert not t.is_alive() and len(pulled) == 8
+
+
+def test_split_independent_of_path_spelling(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", list(small_rows()[:40]))
+    a = run(tmp_path / "d" / "*.jsonl", tmp_path / "abs", val_fraction=0.3)
+    monkeypatch.chdir(tmp_path)
+    b = run("./d/a.jsonl", tmp_path / "rel", val_fraction=0.3)
+    assert 0 < a["splits"]["val"]["documents"] < 40
+    assert shard_hashes(a) == shard_hashes(b)
