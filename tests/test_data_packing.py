@@ -27,13 +27,17 @@ def random_docs(rng: np.random.Generator, n: int, max_len: int) -> list[np.ndarr
 
 
 def write_data_dir(
-    d: Path, docs: list[np.ndarray], n_shards: int, masks: list[np.ndarray] | None = None
+    d: Path,
+    docs: list[np.ndarray],
+    n_shards: int,
+    masks: list[np.ndarray] | None = None,
+    dtype: str = "uint16",
 ) -> None:
     """A data directory in prepare's layout (train only), docs split over ``n_shards``."""
     d.mkdir(parents=True, exist_ok=True)
     shards = []
     for k, part in enumerate(np.array_split(np.arange(len(docs)), n_shards)):
-        toks = np.concatenate([docs[i] for i in part]).astype(np.uint16)
+        toks = np.concatenate([docs[i] for i in part]).astype(dtype)
         off = np.concatenate([[0], np.cumsum([len(docs[i]) for i in part])]).astype(np.int64)
         np.save(d / f"train_{k:05d}.npy", toks)
         np.save(d / f"train_{k:05d}.idx.npy", off)
@@ -54,7 +58,7 @@ def write_data_dir(
     manifest = {
         "tokenizer_hash": "abc123",
         "vocab_size": 1000,
-        "dtype": "uint16",
+        "dtype": dtype,
         "splits": {"train": {"shards": shards}, "val": {"shards": shards}},
     }
     (d / "manifest.json").write_text(json.dumps(manifest))
@@ -257,3 +261,29 @@ def test_loader_applies_sft_mask(tmp_path: Path) -> None:
         for row, w in enumerate(b["sample_ids"].tolist()):
             ref = reference_window(docs, w * 12, 12, "document", masks)
             assert b["labels"][row].tolist() == ref["labels"]
+
+
+def test_uint32_shards_for_large_vocabularies(tmp_path: Path) -> None:
+    from longtrain.data.prepare import token_dtype
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    rng = np.random.default_rng(3)
+    docs = [
+        np.append(rng.integers(60000, 200000, size=int(rng.integers(1, 20))), EOS)
+        for _ in range(30)
+    ]
+    write_data_dir(tmp_path, docs, 2, dtype="uint32")
+    b = next(DistributedLoader(tmp_path, seq_len=8, micro_batch=2))
+    for row, w in enumerate(b["sample_ids"].tolist()):
+        ref = reference_window(docs, w * 8, 8, "document")
+        assert (
+            b["input_ids"][row].tolist() == ref["input_ids"]
+            and b["labels"][row].tolist() == ref["labels"]
+        )
+    assert int(b["input_ids"].max()) > 65535
+    # A manifest that disagrees with the shard's dtype is one clear error.
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["dtype"] = "uint16"
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LongtrainError, match="but the manifest says"):
+        DistributedLoader(tmp_path, seq_len=8)
