@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -65,14 +66,14 @@ def finetune(cfg: dict, overrides: list[str] = (), env: dict | None = None, chec
     return p
 
 
-def base_cfg(run_dir: Path, data: Path, **sections) -> dict:
+def base_cfg(run_dir: Path, data_dir: Path, **sections) -> dict:
     cfg = {
         "model": {
             "flavor": "debug",
             "attention": "sdpa",
             "overrides": {**SHAPE, "vocab_size": 512},
         },
-        "data": {"dir": str(data), "seq_len": 64, "attention": "causal", "val_batches": 2},
+        "data": {"dir": str(data_dir), "seq_len": 64, "attention": "causal", "val_batches": 2},
         "train": {"steps": 6, "micro_batch": 2, "lr": 2e-3, "warmup": 1, "schedule": "constant"},
         "parallel": {"zero_stage": 1, "dtype": "fp32", "timeout_s": 120},
         "checkpoint": {"interval": 0, "keep": 2},
@@ -143,3 +144,66 @@ def test_sft_mask_token_by_token_and_chat_template_round_trip(work: Path, tmp_pa
         assert list(got) == ids
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert "<|assistant|>" in cfg["chat_template"]
+
+
+# ---- LoRA + SFT from an HF directory --------------------------------------------------------
+
+
+def test_lora_sft_from_hf_only_adapters_change_and_merged_export_matches(
+    work: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from longtrain.launch.cli import main as cli
+    from longtrain.model.config import get_flavor
+    from longtrain.model.hf import save_hf
+    from longtrain.model.lora import LoRAConfig, apply_lora
+    from longtrain.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = get_flavor("debug", **SHAPE, vocab_size=512, max_seq_len=128)
+    init_dir = tmp_path / "hf_init"
+    save_hf(Transformer(cfg, attention="sdpa"), init_dir, tokenizer=work / "tok", dtype="fp32")
+    run = tmp_path / "lora"
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w2"]}
+    finetune(
+        base_cfg(
+            run,
+            work / "sft",
+            model={"init": str(init_dir), "overrides": {}},
+            data={"seq_len": 128, "attention": "document"},
+            train={"steps": 5, "lr": 1e-2},
+            parallel={"zero_stage": 3},
+            finetune={"task": "lm", "lora": lora},
+        )
+    )
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 5 and all(np.isfinite(r["loss"]) for r in rows)
+    from longtrain.model.hf import load_hf
+
+    init_sd = load_hf(init_dir, attention="sdpa").state_dict()
+    final = load_state(run / "final")
+    adapters = {k for k in final if k.endswith((".lora_a", ".lora_b"))}
+    assert len(adapters) == 2 * 3 * cfg.n_layers
+    for k, v in init_sd.items():  # every base weight bit-identical to the HF initial model
+        assert torch.equal(final[k], v), k
+    assert all(final[k].abs().max() > 0 for k in adapters if k.endswith(".lora_b"))
+    # Unmerged reference: the base model plus the trained adapters, in longtrain.
+    ref = Transformer(cfg, attention="sdpa")
+    apply_lora(ref, LoRAConfig(4, 8.0, 0.0, ("wq", "wv", "w2")))
+    ref.load_state_dict(final)
+    ref.eval()
+    ids = torch.randint(0, 512, (2, 96), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids)
+    for src in (run / "final", run):  # the model dir, and the run's training checkpoint
+        out = tmp_path / f"hf_merged_{src.name}"
+        argv = ["export-hf", "--checkpoint", str(src), "--out", str(out), "--merge-lora"]
+        assert cli([*argv, "--dtype", "fp32", "--tokenizer", str(work / "tok")]) == 0
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = hf(ids).logits
+        err = float((got - want).abs().max())
+        print(f"merged export ({src.name}) vs unmerged logits: max abs diff {err:.2e}")
+        assert err < 1e-5
+    assert cli(["export-hf", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "x")]) == 2
