@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longtrain", description="Distributed long-context pretraining."
     )
+    # The deepspeed launcher puts --local_rank=N before the subcommand (`-m longtrain.launch
+    # --local_rank=0 pretrain ...`); accept and ignore it there too (LOCAL_RANK is set as well).
+    parser.add_argument(
+        "--local_rank", "--local-rank", dest="launcher_local_rank", type=int, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on a corpus")

@@ -255,3 +255,29 @@ def test_two_node_torchrun_resume_nan_stop_and_export(data_dir: Path, tmp_path: 
     ids = torch.tensor([tok("def f3(x):\n    alpha beta")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+PRESETS = {"tiny-cpu": 2, "1b-32k": 8, "8b-128k": 32, "8b-1m-offload": 32}
+
+
+@pytest.mark.parametrize("name, world", sorted(PRESETS.items()))
+def test_presets_are_valid_for_their_world_size(name: str, world: int) -> None:
+    from longtrain.train.config import load_job, validate_job
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{name}.yaml"
+    job = load_job(path)
+    cfg = validate_job(job, world, check_data=False)
+    assert cfg.max_seq_len >= job.data.seq_len
+    assert job.data.seq_len % job.parallel.sp == 0 and world % job.parallel.sp == 0
+
+
+def test_deepspeed_launcher_local_rank_is_accepted() -> None:
+    from longtrain.launch.cli import build_parser
+
+    # deepspeed puts it before the subcommand, older launchers after it.
+    for argv in (
+        ["--local_rank=1", "pretrain", "--config", "x.yaml", "train.steps=2"],
+        ["pretrain", "--local_rank=1", "--config", "x.yaml"],
+    ):
+        args = build_parser().parse_args(argv)
+        assert args.command == "pretrain" and args.config == "x.yaml"
