@@ -143,8 +143,10 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_ranks(data_dir: Path, dp_size: int, steps: int, state=None, **kw) -> list[list[int]]:
-    """Per micro-step, the sample ids of all DP ranks concatenated in rank order."""
+def run_ranks(
+    data_dir: Path, dp_size: int, steps: int, state: dict | None = None, **kw
+) -> tuple[list[list[int]], dict]:
+    """Per micro-step, the sample ids of all DP ranks concatenated in rank order; final state."""
     loaders = [
         DistributedLoader(data_dir, seq_len=16, dp_rank=r, dp_size=dp_size, **kw)
         for r in range(dp_size)

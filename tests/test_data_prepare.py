@@ -1,7 +1,7 @@
 """prepare: manifest vs per-document encodings, deterministic split, resume, sources, bad input.
 
-STDLIB tests prepare the whole standard library twice (2 workers and 1 worker, ~25 s together
-on 2 cores); the rest use small corpora written into tmp dirs.
+STDLIB tests (marked ``slow``) prepare the whole standard library twice (2 workers and
+1 worker, ~25 s together on 2 cores); the rest use small corpora written into tmp dirs.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def split_stream(d: Path, split: str) -> np.ndarray:
     return np.concatenate([np.load(d / s["tokens"]) for s in m["splits"][split]["shards"]])
 
 
+@pytest.mark.slow
 def test_stdlib_manifest_counts_equal_per_document_encodings() -> None:
     d = stdlib_prepared(2)
     m = json.loads((d / "manifest.json").read_text())
@@ -77,6 +78,7 @@ def test_stdlib_manifest_counts_equal_per_document_encodings() -> None:
     assert Tokenizer.load(d / "tokenizer").hash == tok.hash
 
 
+@pytest.mark.slow
 def test_stdlib_val_split_same_across_runs_and_worker_counts() -> None:
     a = json.loads((stdlib_prepared(2) / "manifest.json").read_text())
     b = json.loads((stdlib_prepared(1) / "manifest.json").read_text())

@@ -1,7 +1,7 @@
 """Tokenizer: training on the stdlib, exact round trip, HF files, chat template, bad input.
 
-STDLIB tests (marked ``stdlib`` in their names) read the whole standard library (~31 MB):
-the round trip of every file takes ~15 s on 2 cores. The tokenizer they use is trained once
+STDLIB tests (``stdlib`` in their names, marked ``slow``; ``-m "not slow"`` deselects them)
+read the whole standard library (~31 MB): the round trip of every file takes ~15 s on 2 cores. The tokenizer they use is trained once
 per session (vocab 2000 on a 4 MB sample, ~2 s) by :func:`stdlib_tokenizer_dir`, which
 test_data_prepare.py reuses.
 """
@@ -74,6 +74,7 @@ def test_stdlib_tokenizer_trains_fast_with_fixed_specials(tok: Tokenizer) -> Non
     assert Tokenizer.load(again).hash == tok.hash
 
 
+@pytest.mark.slow
 def test_stdlib_roundtrip_every_file(tok: Tokenizer) -> None:
     docs = stdlib_docs()
     assert len(docs) > 1700
@@ -100,6 +101,7 @@ def test_roundtrip_edge_cases(tok: Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_hf_tokenizer_matches_on_sampled_stdlib(tok: Tokenizer, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
