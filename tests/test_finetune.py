@@ -207,3 +207,80 @@ def test_lora_sft_from_hf_only_adapters_change_and_merged_export_matches(
         print(f"merged export ({src.name}) vs unmerged logits: max abs diff {err:.2e}")
         assert err < 1e-5
     assert cli(["export-hf", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "x")]) == 2
+
+
+# ---- sequence classification ----------------------------------------------------------------
+
+FILLER = ["self", "return", "value", "data", "None", "import", "list", "dict", "item", "name"]
+
+
+def write_classify_data(d: Path, n_train: int, n_val: int, seed: int = 0) -> None:
+    """Label = the colour word at the start; ~150 filler words follow it (far from the end)."""
+    rng = random.Random(seed)
+    d.mkdir(parents=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                words = ["colour", ("red", "blue")[label]] + rng.choices(FILLER, k=150)
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+
+
+def test_classification_learns_far_token_and_hf_export_matches(work: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from longtrain.data.classify import ClassifyData
+    from longtrain.launch.cli import main as cli
+    from longtrain.model.heads import TransformerForClassification, last_token_logits
+    from longtrain.model.hf import MODEL_CONFIG_FILE, ModelConfig
+
+    data = tmp_path / "cls"
+    write_classify_data(data, 512, 64)
+    run = tmp_path / "cls_run"
+    finetune(
+        base_cfg(
+            run,
+            data,
+            data={"seq_len": 256, "tokenizer": str(work / "tok")},
+            train={"steps": 30, "micro_batch": 8, "lr": 3e-3, "warmup": 4},
+            log={"interval": 10, "eval_interval": 10},
+            finetune={
+                "task": "classify",
+                "num_labels": 2,
+                "early_stopping": {"patience": 3, "min_delta": 0.0},
+            },
+        )  # fmt: skip
+    )
+    evals = [r for r in metrics(run) if "val_acc" in r]
+    print("classification evals:", [(r["step"], round(r["val_loss"], 3), r["val_acc"], round(r["val_f1"], 3)) for r in evals])  # fmt: skip
+    assert evals[0]["step"] == 0
+    best = json.loads((run / "best" / "source.json").read_text())
+    assert best["val_loss"] == min(r["val_loss"] for r in evals[1:])
+    assert evals[-1]["val_acc"] >= 0.9 and evals[-1]["val_f1"] >= 0.9, evals[-1]
+    # The deciding word sits in the first 8 tokens, > 150 tokens before the scored last token.
+    val = ClassifyData(data, "val", work / "tok", 256, 2)
+    for i in range(len(val)):
+        head = val.tok.decode(val.ids[i, :8].tolist())
+        tail = val.tok.decode(val.ids[i, 8 : val.lengths[i]].tolist())
+        assert ("red", "blue")[val.labels[i]] in head and "red" not in tail and "blue" not in tail
+    assert val.lengths.min() > 150
+    # Export: transformers' LlamaForSequenceClassification gives the same logits.
+    out = tmp_path / "hf_cls"
+    argv = ["export-hf", "--checkpoint", str(run / "final"), "--out", str(out)]
+    assert cli([*argv, "--dtype", "fp32", "--tokenizer", str(work / "tok")]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert hf.config.pad_token_id == val.tok.pad_id and hf.config.num_labels == 2
+    cfg = ModelConfig.from_dict(json.loads((run / "final" / MODEL_CONFIG_FILE).read_text()))
+    ours = TransformerForClassification(cfg, 2, attention="sdpa")
+    ours.load_state_dict(load_state(run / "final"))
+    ours.eval()
+    ids, lengths = torch.from_numpy(val.ids[:16]), torch.from_numpy(val.lengths[:16])
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        want = last_token_logits(ours, ids, lengths)
+        got = hf(input_ids=ids, attention_mask=mask).logits
+    err = float((got - want).abs().max())
+    print(f"LlamaForSequenceClassification vs longtrain logits: max abs diff {err:.2e}")
+    assert err < 1e-4
+    acc = float((got.argmax(-1) == torch.from_numpy(val.labels[:16])).float().mean())
+    assert acc >= 0.9
