@@ -43,6 +43,7 @@ ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 ROLE_MARKERS = {role: f"<|{role}|>" for role in ROLES}
 USER_SYMBOLS = [*ROLE_MARKERS.values(), END]
+SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol
 
 # One message is `<|role|>` + content + `<|end|>`, no separators, no BOS: exactly the ids that
 # longtrain.data.sft.encode_chat builds, so that apply_chat_template matches training data.
@@ -79,6 +80,7 @@ class Tokenizer:
         #: role name -> id of its marker, e.g. ``{"user": 5, ...}``
         self.role_ids: dict[str, int] = {r: self.sp.piece_to_id(m) for r, m in ROLE_MARKERS.items()}
         self.end_id: int = self.sp.piece_to_id(END)
+        self._mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -107,12 +109,25 @@ class Tokenizer:
         return cls(data, meta)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no BOS/EOS added."""
-        return self.sp.encode(text, out_type=int)
+        """Token ids of ``text``; no BOS/EOS added.
+
+        U+2581 is sentencepiece's own whitespace mark and would decode as a space, so a
+        literal one is emitted as its three byte-fallback tokens instead (both sentencepiece
+        and the HF tokenizer decode those back to U+2581).
+        """
+        if SPACE_MARK not in text:
+            return self.sp.encode(text, out_type=int)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(SPACE_MARK)):
+            if i:
+                ids += self._mark_ids
+            if part:
+                ids += self.sp.encode(part, out_type=int)
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of several texts (single-threaded: parallelism lives in prepare)."""
-        return self.sp.encode(list(texts), out_type=int)
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; the exact inverse of :meth:`encode`."""
@@ -257,6 +272,9 @@ def save_hf_tokenizer(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLi
     model has no dummy prefix), the chat markers as special tokens, and the chat template.
     transformers converts ``tokenizer.model`` only when ``protobuf`` is installed; without it
     the conversion silently yields an empty vocabulary, so the result is checked here.
+    The one known difference: text containing a literal U+2581 (sentencepiece's space mark),
+    which :meth:`Tokenizer.encode` spells in byte tokens so it round-trips; the HF tokenizer
+    decodes those ids exactly, but its own encoding of such text reads U+2581 as a space.
     """
     from transformers import LlamaTokenizer
 

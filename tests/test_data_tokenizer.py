@@ -95,10 +95,17 @@ def test_stdlib_roundtrip_every_file(tok: Tokenizer) -> None:
         "ünïcödé 漢字 🙂 \u2028 \x00\x7f",
         "1234567890",
         "<s></s><unk>",
+        "\u2581",  # sentencepiece's whitespace mark, literal in the text
+        "a\u2581 \u2581\u2581b \u2581",
     ],
 )
-def test_roundtrip_edge_cases(tok: Tokenizer, text: str) -> None:
+def test_roundtrip_edge_cases(tok: Tokenizer, text: str, tmp_path: Path) -> None:
     assert tok.decode(tok.encode(text)) == text
+    if "\u2581" in text:  # the HF tokenizer decodes our ids to the same text
+        from transformers import AutoTokenizer
+
+        save_hf_tokenizer(stdlib_tokenizer_dir(), tmp_path)
+        assert AutoTokenizer.from_pretrained(str(tmp_path)).decode(tok.encode(text)) == text
 
 
 @pytest.mark.slow
