@@ -284,3 +284,147 @@ def test_classification_learns_far_token_and_hf_export_matches(work: Path, tmp_p
     assert err < 1e-4
     acc = float((got.argmax(-1) == torch.from_numpy(val.labels[:16])).float().mean())
     assert acc >= 0.9
+
+
+# ---- context extension ------------------------------------------------------------------------
+
+
+def pretrain_short(work: Path, out: Path, seq_len: int, steps: int) -> None:
+    """A plain PyTorch pretraining loop at ``seq_len`` (the 'starting checkpoint')."""
+    from longtrain.data.loader import DistributedLoader
+    from longtrain.model.config import get_flavor
+    from longtrain.model.hf import save_model_dir
+    from longtrain.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = get_flavor("debug", **SHAPE, vocab_size=512, max_seq_len=seq_len)
+    model = Transformer(cfg, attention="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    loader = DistributedLoader(work / "data", seq_len=seq_len, micro_batch=8, attention="causal")
+    for _ in range(steps):
+        b = next(loader)
+        s, c = model.loss(b["input_ids"], b["labels"], b["position_ids"])
+        (s / c).backward()
+        opt.step()
+        opt.zero_grad()
+    save_model_dir(model, out)
+
+
+def test_context_extension_yarn_lowers_loss_beyond_training_length(
+    work: Path, tmp_path: Path
+) -> None:
+    from longtrain.launch.cli import main as cli
+    from longtrain.model.hf import load_model_dir
+    from longtrain.train.finetune import position_bucket_losses
+
+    start = tmp_path / "ckpt256"
+    pretrain_short(work, start, 256, 60)
+    run = tmp_path / "ext"
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    finetune(
+        base_cfg(
+            run,
+            work / "data",
+            model={"init": str(start), "overrides": {"rope_scaling": yarn}},
+            data={"seq_len": 1024},
+            train={"steps": 10, "micro_batch": 2, "lr": 1e-3, "warmup": 2},
+        )
+    )
+    m0 = load_model_dir(start, attention="sdpa")
+    m0.cfg.max_seq_len = 1024  # same weights and RoPE, evaluated past its training length
+    m1 = load_model_dir(run / "final", attention="sdpa")
+    assert m1.cfg.rope_scaling is not None and m1.cfg.rope_scaling.type == "yarn"
+    before = position_bucket_losses(m0, work / "data", 1024, 256, max_windows=6)
+    after = position_bucket_losses(m1, work / "data", 1024, 256, max_windows=6)
+    print(
+        "\nval loss by position bucket (start: trained at 256, default RoPE; after: 1024 + YaRN x4)"
+    )
+    print(f"{'positions':>12} {'start':>8} {'after':>8}")
+    for (lo, hi, a), (_, _, b) in zip(before, after):
+        print(f"{lo:>5}-{hi:<6} {a:8.4f} {b:8.4f}")
+    for (lo, _, a), (_, _, b) in zip(before[1:], after[1:]):  # every bucket beyond 256
+        assert b < a, (lo, a, b)
+    out = tmp_path / "hf_ext"
+    assert cli(["export-hf", "--checkpoint", str(run / "final"), "--out", str(out)]) == 0
+    hf_cfg = json.loads((out / "config.json").read_text())
+    rp = hf_cfg["rope_parameters"]
+    assert rp["rope_type"] == "yarn" and rp["factor"] == 4.0
+    assert rp["original_max_position_embeddings"] == 256
+
+
+# ---- staged curriculum ----------------------------------------------------------------------
+
+
+def test_staged_loader_continues_without_repeats(work: Path) -> None:
+    from longtrain.train.curriculum import StagedLoader
+
+    def covered(loader: StagedLoader, steps: int) -> list[tuple[int, int]]:
+        out = []
+        for _ in range(steps):
+            b = next(loader)
+            L = loader.seq_len
+            out += [(int(w) * L, int(w) * L + L) for w in b["sample_ids"]]
+        return out
+
+    a = StagedLoader(work / "data", 256, 64, 3, 0, 1, 0, 1, seed=1)
+    spans = covered(a, 5)  # 15 windows of 64: ends mid-block and off a 128 boundary
+    b = StagedLoader(work / "data", 256, 128, 2, 0, 1, 0, 1, seed=1)
+    b.load_state_dict(a.state_dict())
+    spans += covered(b, 6)
+    spans.sort()
+    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:])), "a token range was repeated"
+    # DP=2 reads the same windows as DP=1 with twice the micro-batch.
+    c0 = StagedLoader(work / "data", 256, 128, 1, 0, 2, 0, 1, seed=1)
+    c1 = StagedLoader(work / "data", 256, 128, 1, 1, 2, 0, 1, seed=1)
+    d = StagedLoader(work / "data", 256, 128, 2, 0, 1, 0, 1, seed=1)
+    for _ in range(3):
+        both = torch.cat([next(c0)["sample_ids"], next(c1)["sample_ids"]])
+        assert torch.equal(both, next(d)["sample_ids"])
+
+
+def test_staged_run_interrupted_in_stage2_equals_uninterrupted(work: Path, tmp_path: Path) -> None:
+    stages = [
+        {"name": "short", "steps": 3, "seq_len": 64, "micro_batch": 2, "lr": 2e-3},
+        {"name": "long", "steps": 4, "seq_len": 128, "micro_batch": 1, "lr": 1e-3, "warmup": 1,
+         "rope_scaling": {"type": "linear", "factor": 2.0}},
+    ]  # fmt: skip
+
+    def cfg(run: Path) -> dict:
+        return base_cfg(
+            run,
+            work / "data",
+            checkpoint={"interval": 2, "keep": 3},
+            log={"interval": 1, "eval_interval": 0},
+            finetune={"stages": stages},
+        )
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    finetune(cfg(full))
+    p = finetune(cfg(cut), env={"LONGTRAIN_FT_CRASH_AFTER_STEP": "5"}, check=False)
+    assert p.returncode == 17, p.stderr[-2000:]
+    done = sorted(x.name for x in (cut / "checkpoints").glob("step_*") if (x / "COMMIT").is_file())
+    assert done[-1] == "step_00000004", (
+        done
+    )  # interval 2 + stage end 3: the newest is inside stage 2
+    assert not (cut / "final").exists()
+    finetune(cfg(cut))  # checkpoint.resume=auto: continues from step 4, inside stage 2
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+    lf, lc = losses(full), losses(cut)
+    print("\nstep  uninterrupted  interrupted+resumed")
+    for s in sorted(lf):
+        print(f"{s:>4}  {lf[s]:.8f}     {lc[s]:.8f}")
+    assert sorted(lf) == sorted(lc) == list(range(1, 8))
+    for s in lf:
+        assert lc[s] == pytest.approx(lf[s], rel=1e-6, abs=0), s
+    a, b = load_state(full / "final"), load_state(cut / "final")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"final weights: max abs diff {worst:.2e}")
+    assert worst <= 1e-6
+    from longtrain.train.checkpoint import find_latest, read_client_state
+
+    sa, sb = (read_client_state(find_latest(r)) for r in (full, cut))
+    assert sa["loader"] == sb["loader"] and sa["step"] == sb["step"] == 7
