@@ -6,7 +6,8 @@
 - DP=2 == DP=1 with grad_accum=2 (the same windows per step) for ZeRO-1, ZeRO-2 and ZeRO-3.
 - DeepSpeed at DP=1 == a plain PyTorch loop (AdamW, clipping, sum/count loss), so a scaling
   mistake common to both DeepSpeed runs cannot hide.
-- ZeRO-3's layer-by-layer init equals ``Transformer.init_weights``; a NaN loss skips the update.
+- ZeRO-3's layer-by-layer init equals ``Transformer.init_weights``; a NaN loss skips the update;
+  full activation checkpointing (recompute with all-to-alls inside) changes nothing.
 
 All scenarios of one world size run inside ONE launch (deepspeed costs seconds per import):
 this file is also the worker, started by torchrun as a script.
@@ -94,7 +95,7 @@ def step_batches(step: int, micro: int, dp: int, accum: int, topo: Any, stream: 
 # Worker side (runs under torchrun).
 
 
-def _job(sp: int, zero: int, micro: int, accum: int, n_kv: int) -> Any:
+def _job(sp: int, zero: int, micro: int, accum: int, n_kv: int, ac: str = "none") -> Any:
     from longtrain.train.config import load_job
 
     return load_job(
@@ -113,6 +114,7 @@ def _job(sp: int, zero: int, micro: int, accum: int, n_kv: int) -> Any:
             f"parallel.sp={sp}",
             f"parallel.zero_stage={zero}",
             "parallel.dtype=fp32",
+            f"parallel.activation_checkpointing={ac}",
         ]
         + [f"model.overrides.{k}={v}" for k, v in model_overrides(n_kv).items()],
     )
@@ -140,7 +142,7 @@ def run_ds(scn: dict[str, Any], topo_cache: dict[int, Any], stream: Any) -> dict
     from longtrain.train.trainer import train_step
 
     sp, zero, micro, accum, n_kv = scn["sp"], scn["zero"], scn["micro"], scn["accum"], scn["kv"]
-    job = _job(sp, zero, micro, accum, n_kv)
+    job = _job(sp, zero, micro, accum, n_kv, scn.get("ac", "none"))
     cfg = get_flavor("debug", **model_overrides(n_kv))
     if sp not in topo_cache:
         topo_cache[sp] = build_topology(sp)
@@ -251,6 +253,7 @@ def worker(out_dir: str, which: str) -> None:
             "dp2_z1": dict(sp=1, zero=1, micro=1, accum=1, kv=2),
             "dp2_z2": dict(sp=1, zero=2, micro=1, accum=1, kv=2),
             "nan_z3": dict(sp=2, zero=3, micro=1, accum=1, kv=2, nan_step=2),
+            "sp2_z3_ac": dict(sp=2, zero=3, micro=2, accum=1, kv=2, ac="full"),
         }
     else:
         scenarios = {
@@ -340,6 +343,15 @@ def test_sp2_equals_sp1(results: dict[str, Any]) -> None:
     # Adam is nearly invariant to a uniform gradient scale, so equal losses alone would not
     # catch a wrong normalisation (DeepSpeed's SP ZeRO-3 path once halved every gradient): the
     # grad norms and raw gradients above do.
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_nothing(results: dict[str, Any]) -> None:
+    # Recomputing every block (with Ulysses all-to-alls inside, under ZeRO-3) is exact.
+    a, b = results["sp2_z3_ac"], results["sp1_z3"]
+    _close(a["losses"], b["losses"])
+    _close(a["norms"], b["norms"])
+    _grads_close(a["grads"], b["grads"])
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ from longtrain.train.parallel import (
     build_topology,
     env_world,
     init_distributed,
+    setup_accelerator_env,
 )
 
 # Test hook: comma-separated optimizer steps (1-based) whose loss is made NaN, to exercise the
@@ -416,6 +417,7 @@ def cli_export_hf(args: argparse.Namespace) -> int:
     handed to the model room's exporter as it is. Without ``--tokenizer`` the tokenizer the
     run's data was prepared with is included when it can be found.
     """
+    setup_accelerator_env()  # before anything imports deepspeed (shard consolidation does)
     from longtrain.model import hf
     from longtrain.train.finetune import export_hook
 

@@ -1,0 +1,208 @@
+"""Benchmark: ``longtrain pretrain`` against a plain transformers training loop, and SP=2 vs SP=1.
+
+Same run, same machine, same shape (dims, seq_len, batch 1, AdamW, fp32 on CPU):
+
+1. tokens/s and peak memory of ``longtrain pretrain`` (DeepSpeed ZeRO-3, chunked loss, one
+   process) against a ``LlamaForCausalLM`` loop (``model(ids, labels=ids).loss.backward()``,
+   ``torch.optim.AdamW``), printed as ratios. Targets: tokens/s >= 1.0x, memory <= 0.5x.
+2. per-rank peak memory of ``longtrain pretrain`` at SP=2 (2 ranks) against SP=1 for the same
+   total sequence. Activation memory is isolated as peak(long) - peak(short): everything that
+   does not grow with the sequence (imports, weights, optimizer states) cancels. Target: <= 0.6x.
+
+Memory on CPU is the peak RSS of each process (``ru_maxrss``), every configuration in a fresh
+process; the figure above an import-only process of the same libraries is reported too.
+On GPU the same script compares ``torch.cuda.max_memory_allocated``.
+
+    python bench/bench_train.py --data runs/demo/data            # after `make demo`
+    python bench/bench_train.py --data DIR --seq-len 16384 --steps 3
+
+Prints a table and one JSON line; paste both into bench/RESULTS.md with the date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough that a 16K-token step takes seconds on a CPU core, large enough to be a real net.
+SHAPE = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def hf_worker(data_dir: str, seq_len: int, steps: int, out: str) -> None:
+    """The baseline: a plain transformers training loop of the same shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longtrain.model.config import get_flavor
+    from longtrain.model.hf import config_to_hf
+
+    vocab = json.loads((Path(data_dir) / "manifest.json").read_text())["vocab_size"]
+    cfg = get_flavor("debug", vocab_size=vocab, max_seq_len=seq_len, **SHAPE)
+    base = _rss_gb()
+    hf_cfg = LlamaConfig.from_dict(config_to_hf(cfg))
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (1, seq_len), generator=g)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    tps = seq_len / statistics.median(times[1:] if len(times) > 1 else times)
+    Path(out).write_text(json.dumps({"tokens_per_s": tps, "peak_gb": _rss_gb(), "base_gb": base}))
+
+
+def import_worker(kind: str, out: str) -> None:
+    """RSS of a process that imports what a run imports and builds nothing."""
+    import torch  # noqa: F401
+
+    if kind == "hf":
+        import transformers  # noqa: F401
+        from transformers import LlamaForCausalLM  # noqa: F401
+    else:
+        import deepspeed  # noqa: F401
+
+        import longtrain.train.trainer  # noqa: F401
+    Path(out).write_text(json.dumps({"peak_gb": _rss_gb()}))
+
+
+def run_longtrain(
+    data_dir: str, seq_len: int, steps: int, sp: int, threads: int, tmp: Path
+) -> dict[str, float]:
+    """``longtrain pretrain`` as users run it; figures from its metrics.jsonl."""
+    run_dir = tmp / f"lt_sp{sp}_{seq_len}"
+    overrides = [
+        "model.flavor=debug",
+        "model.attention=sdpa",
+        *[f"model.overrides.{k}={v}" for k, v in SHAPE.items()],
+        f"data.dir={data_dir}",
+        f"data.seq_len={seq_len}",
+        "data.attention=causal",  # one causal window, like the baseline
+        f"train.steps={steps}",
+        "train.lr=1e-3",
+        "train.warmup=0",
+        f"parallel.sp={sp}",
+        "parallel.zero_stage=3",
+        "parallel.dtype=fp32",
+        "checkpoint.interval=0",
+        "checkpoint.resume=never",
+        "log.interval=1",
+        "log.eval_interval=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        f"run_dir={run_dir}",
+    ]
+    cfg = REPO / "launch" / "configs" / "tiny-cpu.yaml"
+    args = ["-m", "longtrain.launch", "pretrain", "--config", str(cfg), *overrides]
+    if sp == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={sp}", *args[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        sys.exit(f"longtrain pretrain failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)
+    return {"tokens_per_s": tps, "peak_gb": max(r["peak_mem_gb"] for r in rows)}
+
+
+def _worker(args: list[str], threads: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}
+    subprocess.run([sys.executable, __file__, *args, out], env=env, check=True, timeout=1800)
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="runs/demo/data", help="prepared data dir (make demo)")
+    ap.add_argument("--seq-len", type=int, default=16384)
+    ap.add_argument("--short-seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="threads of a single-process run")
+    a = ap.parse_args()
+    if not (Path(a.data) / "manifest.json").is_file():
+        sys.exit(f"--data {a.data}: no prepared data; run `make demo` or `longtrain prepare`")
+    t, L, S = a.threads, a.seq_len, a.short_seq_len
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        hf = _worker(["--hf", a.data, str(L), str(a.steps)], t)
+        ours = run_longtrain(a.data, L, a.steps, 1, t, tmp)
+        imp_hf = _worker(["--import", "hf"], t)["peak_gb"]
+        imp_lt = _worker(["--import", "longtrain"], t)["peak_gb"]
+        sp1_long = ours
+        sp1_short = run_longtrain(a.data, S, a.steps, 1, t, tmp)
+        sp2_long = run_longtrain(a.data, L, a.steps, 2, max(1, t // 2), tmp)
+        sp2_short = run_longtrain(a.data, S, a.steps, 2, max(1, t // 2), tmp)
+    act1 = sp1_long["peak_gb"] - sp1_short["peak_gb"]
+    act2 = sp2_long["peak_gb"] - sp2_short["peak_gb"]
+    res = {
+        "seq_len": L,
+        "shape": SHAPE,
+        "hf_tokens_per_s": hf["tokens_per_s"],
+        "longtrain_tokens_per_s": ours["tokens_per_s"],
+        "tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
+        "hf_peak_gb": hf["peak_gb"],
+        "longtrain_peak_gb": ours["peak_gb"],
+        "peak_mem_ratio": ours["peak_gb"] / hf["peak_gb"],
+        "peak_mem_above_imports_ratio": (ours["peak_gb"] - imp_lt) / (hf["peak_gb"] - imp_hf),
+        "import_only_gb": {"hf": imp_hf, "longtrain": imp_lt},
+        "sp1_peak_gb": {"long": sp1_long["peak_gb"], "short": sp1_short["peak_gb"]},
+        "sp2_peak_gb_per_rank": {"long": sp2_long["peak_gb"], "short": sp2_short["peak_gb"]},
+        "sp2_tokens_per_s": sp2_long["tokens_per_s"],
+        "sp2_over_sp1_activation_ratio": act2 / act1 if act1 > 0 else float("nan"),
+    }
+    print(f"\nseq_len {L}, shape {SHAPE}, fp32, batch 1, {t} threads per single process")
+    print(f"{'':38}{'transformers':>14}{'longtrain':>12}{'ratio':>8}")
+    print(
+        f"{'tokens/s':38}{hf['tokens_per_s']:14.0f}{ours['tokens_per_s']:12.0f}"
+        f"{res['tokens_per_s_ratio']:8.2f}"
+    )
+    print(
+        f"{'peak RSS (GB)':38}{hf['peak_gb']:14.2f}{ours['peak_gb']:12.2f}"
+        f"{res['peak_mem_ratio']:8.2f}"
+    )
+    print(
+        f"{'peak RSS above import-only (GB)':38}{hf['peak_gb'] - imp_hf:14.2f}"
+        f"{ours['peak_gb'] - imp_lt:12.2f}{res['peak_mem_above_imports_ratio']:8.2f}"
+    )
+    print(f"\nper-rank activation memory, peak({L}) - peak({S}):")
+    print(
+        f"  SP=1: {act1:.3f} GB   SP=2: {act2:.3f} GB   ratio {res['sp2_over_sp1_activation_ratio']:.2f}"
+    )
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--hf":
+        hf_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--import":
+        import_worker(sys.argv[2], sys.argv[3])
+    else:
+        main()
