@@ -76,6 +76,11 @@ def test_stdlib_manifest_counts_equal_per_document_encodings() -> None:
                 off[0] == 0 and off[-1] == sh["stored_tokens"] and len(off) == sh["documents"] + 1
             )
     assert Tokenizer.load(d / "tokenizer").hash == tok.hash
+    # The loader reads exactly these tokens: window w is stream[w*L : w*L + L + 1].
+    train = split_stream(d, "train")
+    b = next(DistributedLoader(d, seq_len=512, micro_batch=4, tokenizer_hash=tok.hash))
+    for row, w in enumerate(b["sample_ids"].tolist()):
+        assert b["input_ids"][row].tolist() == train[w * 512 : w * 512 + 512].tolist()
 
 
 @pytest.mark.slow

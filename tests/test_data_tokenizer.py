@@ -166,15 +166,3 @@ def test_tokenizer_bad_inputs(tmp_path: Path) -> None:
         train_tokenizer([("a", "b")], tmp_path / "t", vocab_size=100)
     with pytest.raises(LongtrainError, match="no documents"):
         train_tokenizer([], tmp_path / "t", vocab_size=500)
-
-
-@pytest.mark.slow
-def test_stdlib_full_default_tokenizer_trains_in_minutes(tmp_path: Path) -> None:
-    """SLOW (~10-30 s): the CLI default on the whole stdlib (vocab 8000, 64 MB budget)."""
-    t0 = time.perf_counter()
-    tok = train_tokenizer(stdlib_docs(), tmp_path, vocab_size=8000, progress=False)
-    seconds = time.perf_counter() - t0
-    assert tok.meta["sample_bytes"] > 30e6  # the whole corpus fits the default budget
-    assert seconds < 180, seconds
-    text = stdlib_docs()[100][1]
-    assert tok.decode(tok.encode(text)) == text
