@@ -236,6 +236,14 @@ def test_bad_inputs_each_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LongtrainError, match=r"latin.jsonl:2: byte"):
         run(badjl, tmp_path / "o7")
 
+    (tmp_path / "broken.json").write_text('[{"text": "a"}, {"text": ')
+    with pytest.raises(LongtrainError, match=r"broken.json: cannot read as json"):
+        run(tmp_path / "broken.json", tmp_path / "o7b")
+    (tmp_path / "t.csv").write_text("body,n\nhello,1\n")
+    with pytest.raises(LongtrainError, match=r"t.csv#0: no field 'text'; fields present: body, n"):
+        run(tmp_path / "t.csv", tmp_path / "o7c")
+    with pytest.raises(LongtrainError, match=r"t.csv#0: field 'n' is int"):
+        run(tmp_path / "t.csv", tmp_path / "o7d", text_field="n")
     with pytest.raises(LongtrainError, match="no such file"):
         run(tmp_path / "nothing*.jsonl", tmp_path / "o8")
     with pytest.raises(LongtrainError, match="not written by datasets.save_to_disk"):
