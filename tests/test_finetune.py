@@ -26,6 +26,16 @@ SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
 TIMEOUT = 420
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: with the 2 cores shared by other jobs, a second OpenMP thread
+    spin-waits for a busy core and made these tiny steps 10x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tokenizer (vocab 512) + prepared LM data (~1.4M tokens of stdlib code) + SFT data."""
@@ -56,7 +66,7 @@ def finetune(cfg: dict, overrides: list[str] = (), env: dict | None = None, chec
     """Run ``python -m longtrain.launch finetune`` in a subprocess; returns the CompletedProcess."""
     path = Path(cfg["run_dir"] + ".yaml")
     path.write_text(yaml.safe_dump(cfg))
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "longtrain.launch", "finetune", "--config", str(path), *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=full_env)
     if check and p.returncode != 0:
