@@ -392,24 +392,42 @@ def test_staged_loader_continues_without_repeats(work: Path) -> None:
         assert torch.equal(both, next(d)["sample_ids"])
 
 
-def test_staged_run_interrupted_in_stage2_equals_uninterrupted(work: Path, tmp_path: Path) -> None:
-    stages = [
-        {"name": "short", "steps": 3, "seq_len": 64, "micro_batch": 2, "lr": 2e-3},
-        {"name": "long", "steps": 4, "seq_len": 128, "micro_batch": 1, "lr": 1e-3, "warmup": 1,
-         "rope_scaling": {"type": "linear", "factor": 2.0}},
-    ]  # fmt: skip
+STAGES = [
+    {"name": "short", "steps": 3, "seq_len": 64, "micro_batch": 2, "lr": 2e-3},
+    {"name": "long", "steps": 4, "seq_len": 128, "micro_batch": 1, "lr": 1e-3, "warmup": 1,
+     "rope_scaling": {"type": "linear", "factor": 2.0}},
+]  # fmt: skip
 
+
+def staged_cfg(work: Path, run: Path, stages: list[dict]) -> dict:
+    return base_cfg(
+        run,
+        work / "data",
+        checkpoint={"interval": 2, "keep": 3},
+        log={"interval": 1, "eval_interval": 0},
+        finetune={"stages": stages},
+    )
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def staged_full(work: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted single-process staged run (the reference of two tests)."""
+    run = tmp_path_factory.mktemp("staged") / "full"
+    finetune(staged_cfg(work, run, STAGES))
+    return run
+
+
+def test_staged_run_interrupted_in_stage2_equals_uninterrupted(
+    work: Path, staged_full: Path, tmp_path: Path
+) -> None:
     def cfg(run: Path) -> dict:
-        return base_cfg(
-            run,
-            work / "data",
-            checkpoint={"interval": 2, "keep": 3},
-            log={"interval": 1, "eval_interval": 0},
-            finetune={"stages": stages},
-        )
+        return staged_cfg(work, run, STAGES)
 
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    finetune(cfg(full))
+    full, cut = staged_full, tmp_path / "cut"
     p = finetune(cfg(cut), env={"LONGTRAIN_FT_CRASH_AFTER_STEP": "5"}, check=False)
     assert p.returncode == 17, p.stderr[-2000:]
     done = sorted(x.name for x in (cut / "checkpoints").glob("step_*") if (x / "COMMIT").is_file())
@@ -418,9 +436,6 @@ def test_staged_run_interrupted_in_stage2_equals_uninterrupted(work: Path, tmp_p
     )  # interval 2 + stage end 3: the newest is inside stage 2
     assert not (cut / "final").exists()
     finetune(cfg(cut))  # checkpoint.resume=auto: continues from step 4, inside stage 2
-
-    def losses(run: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
 
     lf, lc = losses(full), losses(cut)
     print("\nstep  uninterrupted  interrupted+resumed")
@@ -438,3 +453,49 @@ def test_staged_run_interrupted_in_stage2_equals_uninterrupted(work: Path, tmp_p
 
     sa, sb = (read_client_state(find_latest(r)) for r in (full, cut))
     assert sa["loader"] == sb["loader"] and sa["step"] == sb["step"] == 7
+
+
+def test_staged_run_changes_sp_and_dp_between_stages(
+    work: Path, staged_full: Path, tmp_path: Path
+) -> None:
+    """2 ranks: stage 1 DP=2 x SP=1, stage 2 DP=1 x SP=2 (Ulysses), same windows per step as
+    the single-process reference, so the losses agree to float rounding."""
+    stages = [
+        {**STAGES[0], "micro_batch": 1, "sp": 1},  # DP=2 x 1 window = the reference's 2
+        {**STAGES[1], "sp": 2},
+    ]
+    run = tmp_path / "sp"
+    path = Path(str(run) + ".yaml")
+    path.write_text(yaml.safe_dump(staged_cfg(work, run, stages)))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "longtrain.launch", "finetune", "--config", str(path)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "DP 2 x SP 1" in p.stdout + p.stderr and "DP 1 x SP 2" in p.stdout + p.stderr
+    lf, ls = losses(staged_full), losses(run)
+    print("\nstep  1 rank        2 ranks (stage 2: SP=2)")
+    for s in sorted(lf):
+        print(f"{s:>4}  {lf[s]:.8f}  {ls[s]:.8f}")
+    assert sorted(ls) == sorted(lf)
+    for s in lf:
+        assert ls[s] == pytest.approx(lf[s], rel=1e-5), s
+    a, b = load_state(staged_full / "final"), load_state(run / "final")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"final weights: max abs diff {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_presets_parse_and_validate() -> None:
+    from longtrain.train.config import load_job
+    from longtrain.train.finetune_config import check_finetune, resolve_stages
+
+    root = Path(__file__).resolve().parents[1] / "launch" / "configs"
+    sft = load_job(root / "sft.yaml")
+    check_finetune(sft)
+    assert sft.finetune.lora.rank > 0 and sft.finetune.early_stopping.patience > 0
+    ctx = load_job(root / "context-extension.yaml")
+    check_finetune(ctx)
+    stages = resolve_stages(ctx)
+    assert [s.seq_len for s in stages] == [32768, 131072]
+    assert all(s.rope_scaling["type"] == "yarn" for s in stages)
