@@ -86,10 +86,15 @@ def import_worker(kind: str, out: str) -> None:
     Path(out).write_text(json.dumps({"peak_gb": _rss_gb()}))
 
 
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def run_longtrain(
     data_dir: str, seq_len: int, steps: int, sp: int, threads: int, tmp: Path
 ) -> dict[str, float]:
     """``longtrain pretrain`` as users run it; figures from its metrics.jsonl."""
+    _say(f"longtrain pretrain seq_len={seq_len} sp={sp}")
     run_dir = tmp / f"lt_sp{sp}_{seq_len}"
     overrides = [
         "model.flavor=debug",
@@ -118,11 +123,12 @@ def run_longtrain(
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += [f"--nproc_per_node={sp}", *args[1:]]
+        cmd += [f"--nproc_per_node={sp}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
-        sys.exit(f"longtrain pretrain failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()][:5]
+        sys.exit(f"longtrain pretrain failed: {' '.join(cmd)}\n" + "\n".join(errors))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)
@@ -152,6 +158,7 @@ def main() -> None:
     t, L, S = a.threads, a.seq_len, a.short_seq_len
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        _say(f"transformers loop seq_len={L}")
         hf = _worker(["--hf", a.data, str(L), str(a.steps)], t)
         ours = run_longtrain(a.data, L, a.steps, 1, t, tmp)
         imp_hf = _worker(["--import", "hf"], t)["peak_gb"]
