@@ -88,7 +88,6 @@ def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> di
         "zero_force_ds_cpu_optimizer": on_gpu,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "seq_parallel_communication_data_type": "bf16" if dtype == torch.bfloat16 else "fp32",
     }
     if dtype == torch.bfloat16:
         # Non-finite gradients must skip the update (NaN/Inf loss handling relies on it).

@@ -7,8 +7,10 @@ onto it directly: rank ``r`` has ``sp_rank = r % sp`` and ``dp_rank = r // sp``.
 :class:`Topology` is deliberately NOT handed to DeepSpeed as an ``mpu``. DeepSpeed 0.19.8
 divides sequence-parallel gradients inconsistently: its ZeRO-1/2 and ZeRO-3 contiguous-bucket
 paths divide the DP x SP sum by ``world / sp``, but the ZeRO-3 reduce-scatter path (the default,
-and the only one for parameters larger than a bucket) divides by ``world`` (measured by
-tests/test_train_parallel.py: SP=2 ZeRO-3 gradients came out exactly half). Without an mpu every
+and the only one for parameters larger than a bucket) divides by ``world`` (measured with an
+mpu while building this: SP=2 ZeRO-3 gradients came out exactly half, while the losses still
+matched SP=1 because Adam hides a uniform gradient scale -- which is why
+tests/test_train_parallel.py compares gradient norms and gradients too). Without an mpu every
 path is plain data parallelism over all DP x SP ranks -- reduce over the world, divide by the
 world size -- which is what we want for ZeRO sharding anyway, and the trainer's loss scaling
 compensates for that single, well-tested divisor (see ``engine.py``).
