@@ -74,8 +74,13 @@ CASES = [
     Case("125m", 2048, "full", {"n_layers": 4}, trainer=True, ranks=2, zero=3),
     Case("tiny", 8192, "none", trainer=True, ranks=2, sp=2, zero=2),
     Case("tiny", 16384, "full", trainer=True, ranks=2, sp=2, zero=3),
+    # Added after the DeepSpeed bucket terms were revised (2026-11-29): held-out checks.
+    Case("tiny", 8192, "selective", trainer=True, ranks=2, sp=1, zero=1),
+    Case("125m", 4096, "full", {"n_layers": 2}, trainer=True, ranks=2, sp=2, zero=3),
+    Case("125m", 4096, "selective", {"n_layers": 4}, trainer=True, ranks=2, sp=2, zero=2),
 ]
 QUICK = [CASES[1], CASES[2]]
+HELDOUT = CASES[-3:]
 DATA = os.path.join("runs", "bench_plan_data")
 
 
@@ -97,7 +102,9 @@ def predict(case: Case) -> dict[str, float]:
         loss_chunk=case.loss_chunk,
         precision="fp32",
         attention="sdpa",
-        reduce_bucket=50_000_000,  # the trainer's DeepSpeed config on CPU
+        # The trainer's DeepSpeed settings on CPU (train/engine.py).
+        reduce_bucket=50_000_000,
+        overlap_comm=False,
     )
     return memory(p, case.ranks, CPU).as_gb()
 
@@ -335,8 +342,14 @@ def measure(case: Case, timeout: float = 600.0) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two small configurations")
+    ap.add_argument("--heldout", action="store_true", help="the three held-out trainer cases")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--only", default=None, help="run only cases whose name contains this")
+    ap.add_argument(
+        "--rescore",
+        default=None,
+        help="re-predict the measurements stored in this --json file with the current planner",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--trainer-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
@@ -349,11 +362,22 @@ def main() -> None:
         return
     rows = []
     print(f"{'configuration':<70} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'s':>6}")
-    cases = QUICK if args.quick else CASES
+    cases = QUICK if args.quick else HELDOUT if args.heldout else CASES
     if args.only:
         cases = [c for c in cases if args.only in c.name]
+    stored = {}
+    if args.rescore:
+        with open(args.rescore) as f:
+            stored = {r["case"]: r for r in json.load(f)}
+        cases = [c for c in CASES if c.name in stored]
     for case in cases:
-        r = measure(case)
+        if args.rescore:
+            r = dict(stored[case.name])
+            pred = predict(case)
+            r.update(predicted_gb=pred["total"], components_gb=pred)
+            r["ratio"] = round(pred["total"] / r["measured_gb"], 3)
+        else:
+            r = measure(case)
         rows.append(r)
         print(
             f"{r['case']:<70} {r['predicted_gb']:>9.3f} {r['measured_gb']:>9.3f} "

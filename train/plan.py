@@ -40,9 +40,14 @@ element (2 for bf16, 4 for fp32), ``c`` the loss chunk in tokens.
 3. Loss: the final norm output ``a*h`` per token is kept; the chunked loss materialises one
    chunk of logits at a time: ``c*V`` in the compute dtype plus fp32 log-probabilities and their
    gradient (``c*V*(a + 8)`` bytes), recomputed in the backward.
-4. Communication buffers: DeepSpeed's ``reduce_bucket_size`` gradient bucket (stage >= 1), the
-   ZeRO-3 gathered working set (the largest module twice: current + prefetched), Ulysses'
-   all-to-all input and output for one layer's q, k, v (transient).
+4. Communication buffers (read off DeepSpeed 0.19's ``stage_1_and_2.py`` / ``stage3.py``):
+   ZeRO-1/2 allocate a fresh ``reduce_bucket_size`` gradient bucket every micro-step (fp32 for
+   ZeRO-1, two of them with ``overlap_comm``), which the gradients pass through, so they hold
+   their own partition plus the bucket, never the full gradients; ZeRO-3 allocates one bucket
+   at start-up and keeps parameters gathered while their next use is near (up to
+   ``stage3_max_live_parameters``); Ulysses' all-to-all input and
+   output for one layer's q, k, v. On a CPU, resident memory counts only pages written, so the
+   fresh ZeRO-1/2 bucket is nearly empty at the backward peak (``GpuSpec.counts_untouched``).
 5. Runtime reserve on GPU: 2.5 GB for the CUDA context, NCCL and cuBLAS workspaces, plus 5% of
    the allocator total for fragmentation (assumed, not measured here; the GPU check records
    ``torch.cuda.max_memory_reserved`` so it can be calibrated).
@@ -106,6 +111,9 @@ class GpuSpec:
     """CUDA context, NCCL and cuBLAS workspaces: memory the PyTorch allocator does not see."""
     fragmentation: float = 0.05
     """Allocator fragmentation, as a fraction of the allocated total."""
+    counts_untouched: bool = True
+    """An allocation counts in full as soon as it exists (true for the CUDA allocator). Host
+    RSS counts only pages written, so a freshly allocated bucket counts only once filled."""
 
 
 GPUS: dict[str, GpuSpec] = {
@@ -115,8 +123,9 @@ GPUS: dict[str, GpuSpec] = {
 }
 # A CPU "device" for checking the memory model against real CPU runs: no runtime reserve, fp32.
 CPU = GpuSpec(
-    "cpu", peak_tflops=0.1, link_gbps=5.0, internode_gbps=5.0, reserve_gb=0.0, fragmentation=0.0
-)
+    "cpu", peak_tflops=0.1, link_gbps=5.0, internode_gbps=5.0, reserve_gb=0.0, fragmentation=0.0,
+    counts_untouched=False,
+)  # fmt: skip
 
 
 @dataclass
@@ -148,7 +157,11 @@ class PlanInput:
     attention: str = "flash"
     """Attention core (flash, torch_varlen, sdpa, reference); decides the copies kept of its output."""
     reduce_bucket: int = 500_000_000
-    """DeepSpeed reduce_bucket_size in elements (its default)."""
+    """DeepSpeed reduce_bucket_size in elements (the trainer's GPU setting)."""
+    overlap_comm: bool = True
+    """DeepSpeed overlap_comm (on for GPU in the trainer): ZeRO-1/2 keep two buckets."""
+    zero3_max_live: int = 1_000_000_000
+    """stage3_max_live_parameters: most parameters ZeRO-3 keeps gathered."""
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing not in CHECKPOINTING:
@@ -359,10 +372,16 @@ def memory(p: PlanInput, gpus: int, gpu: GpuSpec) -> Memory:
     comm = 0.0
     if p.sp > 1:  # all-to-all input and output of one layer's q, k, v
         comm += 2 * a * (m.n_heads + 2 * max(m.n_kv_heads, p.sp)) * head_dim(m) * t
-    if p.zero_stage >= 1:
-        comm += min(p.reduce_bucket, n) * a
-    if p.zero_stage == 3:  # the module being used and the prefetched one, gathered
-        comm += 2 * max(layer_params(m), m.vocab_size * m.dim) * a
+    if p.zero_stage in (1, 2) and gpu.counts_untouched:
+        # A fresh bucket every micro-step (fp32 accumulator for ZeRO-1), doubled by overlap.
+        comm += p.reduce_bucket * (4 if p.zero_stage == 1 else a) * (2 if p.overlap_comm else 1)
+    if p.zero_stage == 3:
+        # One bucket allocated at start-up (on a CPU only the part gradients pass through is
+        # resident), plus the gathered parameters: DeepSpeed keeps a parameter gathered while
+        # its next use (e.g. the recompute) is within stage3_max_reuse_distance, bounded by
+        # stage3_max_live_parameters (prefetching stays within that bound).
+        bucket = p.reduce_bucket if gpu.counts_untouched else min(p.reduce_bucket, n)
+        comm += bucket * a + min(n, p.zero3_max_live) * a
     mem.comm = comm
     # After the backward the activations are gone, and ZeRO-1/2 build the fp32 gradient
     # partition for the update; keep whichever phase is larger.
@@ -461,8 +480,14 @@ def max_seq_len(p: PlanInput, gpus: int, gpu_mem_gb: float, gpu: GpuSpec, step: 
     return lo * q
 
 
+HEADROOM = 0.10
+"""The recommendation keeps this fraction of GPU memory free: the model is an estimate (the CPU
+check finds it within ~20%), and allocator behaviour varies across PyTorch/NCCL versions."""
+
+
 def recommend(p: PlanInput, gpus: int, gpu_mem_gb: float, gpu: GpuSpec) -> dict[str, Any] | None:
-    """Fastest (SP, ZeRO stage, offload, checkpointing) that fits ``p.seq_len``; None if none."""
+    """Fastest (SP, ZeRO stage, offload, checkpointing) that fits ``p.seq_len`` with
+    :data:`HEADROOM` to spare; None if none does."""
     best: tuple[float, float, PlanInput] | None = None
     for sp in sp_degrees(p.model, gpus):
         if p.seq_len % sp:
@@ -475,7 +500,7 @@ def recommend(p: PlanInput, gpus: int, gpu_mem_gb: float, gpu: GpuSpec) -> dict[
                         activation_checkpointing=ckpt,
                     )  # fmt: skip
                     mem = memory(q, gpus, gpu).total
-                    if mem > gpu_mem_gb * GB:
+                    if mem > (1 - HEADROOM) * gpu_mem_gb * GB:
                         continue
                     tps = timing(q, gpus, gpu).tokens_per_s_per_gpu
                     key = (tps, -mem)
@@ -603,10 +628,14 @@ def format_table(plan: dict[str, Any]) -> str:
     r = plan["recommended"]
     lines.append("")
     if r is None:
-        lines.append(f"recommended: nothing fits seq_len {c['seq_len']} on {plan['gpus']} GPUs")
+        lines.append(
+            f"recommended: nothing fits seq_len {c['seq_len']} on {plan['gpus']} GPUs with "
+            f"{HEADROOM:.0%} memory to spare"
+        )
     else:
         lines.append(
-            f"recommended for seq_len {c['seq_len']}: SP {r['sp']}, ZeRO-{r['zero_stage']}"
+            f"recommended for seq_len {c['seq_len']} (fastest with {HEADROOM:.0%} memory to "
+            f"spare): SP {r['sp']}, ZeRO-{r['zero_stage']}"
             f"{' + optimizer offload' if r['offload_optimizer'] else ''}, checkpointing "
             f"{r['activation_checkpointing']}: {r['memory_gb']:.1f} GB, "
             f"{r['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, MFU {r['mfu']:.1%}"
