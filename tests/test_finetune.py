@@ -499,3 +499,71 @@ def test_presets_parse_and_validate() -> None:
     stages = resolve_stages(ctx)
     assert [s.seq_len for s in stages] == [32768, 131072]
     assert all(s.rope_scaling["type"] == "yarn" for s in stages)
+
+
+def test_classify_batches_shard_labels_across_sp_ranks(work: Path, tmp_path: Path) -> None:
+    from longtrain.data.classify import ClassifyData, classify_val_batches
+
+    write_classify_data(tmp_path / "c", 8, 5)
+    data = ClassifyData(tmp_path / "c", "val", work / "tok", 256, 2)
+    for whole, *parts in zip(
+        classify_val_batches(data, 2, 0, 1, 0, 1),
+        classify_val_batches(data, 2, 0, 1, 0, 2),
+        classify_val_batches(data, 2, 0, 1, 1, 2),
+    ):
+        glued = torch.cat([p["labels"] for p in parts], dim=1)  # (B, T)
+        assert torch.equal(glued, whole["labels"])
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts], 1), whole["input_ids"])
+        for row, (n, c) in enumerate(zip(whole["lengths"], whole["classes"])):
+            held = [int((p["labels"][row] != -100).sum()) for p in parts]
+            assert sum(held) == (c != -100)  # one label per real row, on exactly one SP rank
+            if c != -100:
+                assert whole["labels"][row, n - 1] == c
+                assert whole["input_ids"][row, n - 1] == data.tok.eos_id
+
+
+def test_early_stopping_stops_and_keeps_best(work: Path, tmp_path: Path) -> None:
+    run = tmp_path / "es"
+    p = finetune(
+        base_cfg(
+            run,
+            work / "sft",
+            train={"steps": 10},
+            log={"eval_interval": 1},
+            # No later evaluation can beat the first by 1e9: stop after `patience` evaluations.
+            finetune={"early_stopping": {"patience": 2, "min_delta": 1e9}},
+        )
+    )
+    assert "early stopping at step 3" in p.stdout + p.stderr
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert json.loads((run / "best" / "source.json").read_text())["step"] == 1
+    assert json.loads((run / "final" / "source.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.stages=[{steps: 2, seqlen: 64}]", "finetune.stages[0]: unknown key 'seqlen'"),
+        ("finetune.stages=[{steps: 2, seq_len: 48}, {steps: 2, seq_len: 64}]", "does not divide"),
+        ("finetune.task=regress", "finetune.task must be one of"),
+        ("finetune.lora.targets=[wz]", "lora.targets has unknown module names"),
+        ("model.overrides.dim=128", "model.overrides.dim: the shape comes from model.init"),
+    ],
+)
+def test_bad_finetune_config_fails_with_one_line(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture, override: str, message: str
+) -> None:
+    from longtrain.launch.cli import main as cli
+    from longtrain.model.config import get_flavor
+    from longtrain.model.hf import save_model_dir
+    from longtrain.model.transformer import Transformer
+
+    init = tmp_path / "init"
+    save_model_dir(Transformer(get_flavor("debug", **SHAPE, vocab_size=512)), init)
+    cfg = base_cfg(tmp_path / "bad", work / "data", model={"init": str(init), "overrides": {}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["finetune", "--config", str(path), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

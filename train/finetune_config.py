@@ -217,10 +217,10 @@ def check_finetune(job: Any) -> None:
         raise LongtrainError(f"finetune.num_labels must be >= 2, got {f.num_labels}")
     if f.lora.rank < 0:
         raise LongtrainError(f"finetune.lora.rank must be >= 0 (0 = off), got {f.lora.rank}")
-    if f.lora.rank:
-        from longtrain.model.lora import LoRAConfig
+    from longtrain.model.lora import LoRAConfig
 
-        LoRAConfig(f.lora.rank, f.lora.alpha, f.lora.dropout, tuple(f.lora.targets))
+    # Checked even when LoRA is off, so that a typo does not wait for the day it is turned on.
+    LoRAConfig(max(f.lora.rank, 1), f.lora.alpha, f.lora.dropout, tuple(f.lora.targets))
     if f.early_stopping.patience < 0:
         raise LongtrainError("finetune.early_stopping.patience must be >= 0 (0 = off)")
     if f.early_stopping.patience and not job.log.eval_interval:
