@@ -226,27 +226,6 @@ def scenario_preempt(out: Path) -> dict:
     return {"stopped_at": gathered}
 
 
-def scenario_big(out: Path) -> dict:
-    """2 ranks, ZeRO-3: 33.5M parameters (128 MiB fp32) for the memory measurement."""
-    import deepspeed
-    import torch
-
-    _dist()
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(32)])
-    cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    eng, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
-    eng.backward(eng(torch.randn(1, 1024)).pow(2).mean())
-    eng.step()
-    return {"path": _save(eng, out / "big", 1)}
-
-
 def fault_tail(out: Path) -> None:
     """With LONGTRAIN_CKPT_FAULT set (for step 4): a good save at 2, then the faulty save at 4."""
     eng = _engine(2)
@@ -268,8 +247,6 @@ if __name__ == "__main__":
     result = SCENARIOS[name](out_dir)
     if name != "single":
         result.update(scenario_preempt(out_dir))
-    if name == "main":
-        result.update(scenario_big(out_dir))
     if int(os.environ["RANK"]) == 0:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     if os.environ.get("LONGTRAIN_CKPT_FAULT"):

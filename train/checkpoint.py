@@ -61,6 +61,7 @@ __all__ = [
     "check_compatible",
     "load_checkpoint",
     "read_client_state",
+    "restore_rng_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -581,12 +582,23 @@ def load_checkpoint(
     if loaded is None:
         raise LongtrainError(f"{path}: DeepSpeed could not load this checkpoint")
     if restore_rng:
-        rng_file = path / RNG_STATE.format(rank=rank)
-        if not rng_file.is_file():
-            log.warning("%s missing (world size changed): using rank 0's RNG state", rng_file.name)
-            rng_file = path / RNG_STATE.format(rank=0)
-        _rng_restore(torch.load(rng_file, weights_only=True))
+        restore_rng_state(path)
     return state
+
+
+def restore_rng_state(path: str | Path) -> None:
+    """Set this rank's python/numpy/torch(/cuda) RNG to the checkpoint's (verified) state.
+
+    :func:`load_checkpoint` does this by default; a trainer that draws random numbers between
+    loading and its first step (a benchmark, a warm-up) should load with ``restore_rng=False``
+    and call this right before the first step, so that the RNG continues exactly.
+    """
+    rank, _ = _rank_world()
+    rng_file = Path(path) / RNG_STATE.format(rank=rank)
+    if not rng_file.is_file():
+        log.warning("%s missing (world size changed): using rank 0's RNG state", rng_file.name)
+        rng_file = Path(path) / RNG_STATE.format(rank=0)
+    _rng_restore(torch.load(rng_file, weights_only=True))
 
 
 def plan_resume(saved: dict, zero_stage: int, zero_partitions: int, path: str | Path = "") -> bool:

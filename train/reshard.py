@@ -267,8 +267,13 @@ def _plan(path: Path, remap_bytes: int) -> tuple[list[Entry], dict[str, str]]:
     return entries, dict(model.get("shared_params") or {})
 
 
+REMAP_BYTES = 256 << 20
+"""Shard bytes read between drops of the memory mappings: bounds the file pages held (RSS) at
+the cost of re-reading each shard's small pickle after every drop."""
+
+
 def iter_state_dict(
-    path: str | Path, dtype: torch.dtype = torch.float32, remap_bytes: int = 1 << 30
+    path: str | Path, dtype: torch.dtype = torch.float32, remap_bytes: int = REMAP_BYTES
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, full tensor)`` of a checkpoint one at a time (tied aliases excluded).
 
@@ -296,7 +301,7 @@ def consolidate_state_dict(
 
     path = resolve_checkpoint(path)
     sd = dict(iter_state_dict(path, dtype))
-    for alias, source in _plan(path, 1 << 30)[1].items():
+    for alias, source in _plan(path, REMAP_BYTES)[1].items():
         if source in sd and alias not in sd:
             sd[alias] = sd[source]
     return sd
@@ -311,7 +316,10 @@ _ST_DTYPES = {
 
 
 def write_model_dir(
-    path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    remap_bytes: int = REMAP_BYTES,
 ) -> Path:
     """Write ``model_config.json`` + ``model.safetensors`` from a training checkpoint.
 
@@ -322,7 +330,7 @@ def write_model_dir(
 
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
-    entries, _ = _plan(path, 1 << 30)
+    entries, _ = _plan(path, remap_bytes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header: dict[str, Any] = {}
