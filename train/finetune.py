@@ -36,7 +36,7 @@ import torch.distributed as dist
 from longtrain.model.config import ModelConfig
 from longtrain.model.errors import LongtrainError
 from longtrain.train.config import JobConfig, load_job, read_manifest, save_resolved
-from longtrain.train.engine import deepspeed_config, initialize_engine, lr_at
+from longtrain.train.engine import compute_dtype, deepspeed_config, initialize_engine, lr_at
 from longtrain.train.finetune_config import (
     Stage,
     check_finetune,
@@ -214,7 +214,7 @@ class _Run:
             self.cls_val = ClassifyData(job.data.dir, "val", tk, self.longest, n)
             self.pad_id = self.cls_train.tok.pad_id
         self.crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
-        self.stop = False
+        self.stop = self.preempted = False
 
     def start(self) -> None:
         """Find where to continue: a committed checkpoint of run_dir, or model.init."""
@@ -311,7 +311,7 @@ class _Run:
         ev = job.log.eval_interval
         if ev and self.step == st.start:
             logger.log({"step": self.step, "stage": st.index, **self.validate(engine, sj, topo)})
-        peak, _ = device_peak_flops(self.device, torch.float32)
+        peak, _ = device_peak_flops(self.device, compute_dtype(sj, self.device))
         flops_tok = cfg.flops_per_token(st.seq_len, causal=True)
         win_tokens, win_start, saved_at = 0, time.perf_counter(), -1
         while self.step < st.end:
@@ -372,7 +372,7 @@ class _Run:
                         f"longtrain finetune: {why} at step {step}; best val_loss "
                         f"{e['best']} at step {e['best_step']}"
                     )
-                self.stop = True
+                self.stop, self.preempted = True, preempted
                 break
         self.loader_state = loader.state_dict()
         if saved_at != self.step:
@@ -413,7 +413,7 @@ def run_finetune(job: JobConfig) -> int:
     finally:
         bar.close()
         logger.close()
-    if r.is_main and r.last_ckpt is not None:
+    if r.is_main and r.last_ckpt is not None and not r.preempted:
         final = r.run_dir / "final"
         write_model_output(r.last_ckpt, final, job, r.pad_id, {"step": r.step})
         lora = " --merge-lora" if job.finetune.lora.rank else ""

@@ -51,7 +51,8 @@ class EarlyStoppingSection:
     """Stop when the validation loss stops improving (``patience: 0`` = off)."""
 
     patience: int = 0
-    """Evaluations without an improvement of at least ``min_delta`` before stopping; 0 = off."""
+    """Evaluations without an improvement of at least ``min_delta`` before the whole run stops;
+    0 = off. The count restarts at each stage (losses at another seq_len do not compare)."""
     min_delta: float = 0.0
     """Smallest decrease of the validation loss that counts as an improvement."""
 
