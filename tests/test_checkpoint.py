@@ -269,6 +269,29 @@ def test_integrity_names_the_file_and_runs_before_unpickling(
     assert marker.exists()
 
 
+def test_every_rank_refuses_a_file_another_rank_hashed(runs: dict) -> None:
+    # Ranks split the hashing (each file read once in total) and share the verdict.
+    victim = sorted(json.loads((_ckpt(runs["out"] / "exact", 3) / "COMMIT").read_text())["files"])[
+        1
+    ]
+    errors = runs["resume"]["corrupt_errors"]
+    assert len(errors) == 2
+    for err in errors:
+        assert err.startswith("LongtrainError: ") and f"{victim}: sha256 differs" in err, err
+
+
+def test_verify_parts_split_the_hashing(runs: dict, tmp_path: Path) -> None:
+    d = tmp_path / "step_00000003"
+    shutil.copytree(_ckpt(runs["out"] / "exact", 3), d)
+    victim = sorted(json.loads((d / "COMMIT").read_text())["files"])[1]
+    data = bytearray((d / victim).read_bytes())
+    data[-1] ^= 0xFF
+    (d / victim).write_bytes(bytes(data))
+    verify_checkpoint(d, part=(0, 2))  # rank 0's share does not include the altered file
+    with pytest.raises(LongtrainError, match="sha256 differs"):
+        verify_checkpoint(d, part=(1, 2))
+
+
 def test_our_files_load_with_weights_only(runs: dict) -> None:
     d = _ckpt(runs["out"] / "exact", 3)
     for f in d.glob("rng_state_rank*.pt"):

@@ -183,11 +183,32 @@ def scenario_single(out: Path) -> dict:
 
 def scenario_resume(out: Path) -> dict:
     """2 ranks: exact resume from step 3 (bitwise), resharded 1 -> 2 resume."""
+    import shutil
+
+    import torch.distributed as dist
+
     from longtrain.train.checkpoint import find_latest, load_checkpoint
 
-    _dist()
+    rank, world = _dist()
     res: dict = {}
     eng = _engine(2, dropout=0.1)
+    # A file only the other rank hashes is altered: every rank must refuse, naming it.
+    bad = out / "corrupt" / "checkpoints" / "step_00000003"
+    if rank == 0:
+        shutil.copytree(out / "exact" / "checkpoints" / "step_00000003", bad)
+        victim = sorted(json.loads((bad / "COMMIT").read_text())["files"])[1]
+        data = bytearray((bad / victim).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / victim).write_bytes(bytes(data))
+    dist.barrier()
+    try:
+        load_checkpoint(eng, bad)
+        err = None
+    except Exception as e:  # reported, compared by the test
+        err = f"{type(e).__name__}: {e}"
+    errors: list = [None] * world
+    dist.all_gather_object(errors, err)
+    res["corrupt_errors"] = errors
     state = load_checkpoint(
         eng, out / "exact" / "checkpoints" / "step_00000003", model_config={"dim": DIM_H}
     )

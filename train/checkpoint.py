@@ -58,6 +58,7 @@ __all__ = [
     "list_checkpoints",
     "resolve_checkpoint",
     "verify_checkpoint",
+    "verify_collectively",
     "check_compatible",
     "load_checkpoint",
     "read_client_state",
@@ -214,11 +215,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- integrity
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+def verify_checkpoint(path: str | Path, part: tuple[int, int] | None = None) -> dict[str, Any]:
     """Check every file of a checkpoint against its COMMIT marker; returns the marker.
 
     Raises LongtrainError naming the file when one is missing, truncated (size), altered
-    (sha256) or not listed. Runs before anything in the directory is unpickled.
+    (sha256) or not listed. Runs before anything in the directory is unpickled. With
+    ``part=(i, n)`` only every n-th file's hash is checked (sizes and the listing always are),
+    so that n ranks share the reading; see :func:`verify_collectively`.
     """
     path = Path(path)
     try:
@@ -228,7 +231,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LongtrainError(
             f"{path / COMMIT}: missing or unreadable commit marker ({e})"
         ) from None
-    for rel, want in sorted(files.items()):
+    for i, (rel, want) in enumerate(sorted(files.items())):
         f = path / rel
         if not f.is_file():
             raise LongtrainError(f"{f}: listed in {COMMIT} but missing; the checkpoint is damaged")
@@ -238,6 +241,8 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{f}: size {size} bytes, {COMMIT} says {want['size']} (truncated or altered); "
                 "resume from another checkpoint"
             )
+        if part is not None and i % part[1] != part[0]:
+            continue
         if _hash_file(f)["sha256"] != want["sha256"]:
             raise LongtrainError(
                 f"{f}: sha256 differs from {COMMIT} (altered or corrupt); resume from another checkpoint"
@@ -249,6 +254,23 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{f}: file not listed in {COMMIT}; remove it or use another checkpoint"
             )
     return marker
+
+
+def verify_collectively(path: str | Path) -> None:
+    """:func:`verify_checkpoint` with the hashing split across the ranks (each file is read
+    once in total); every rank raises the first failure any rank found. Collective."""
+    rank, world = _rank_world()
+    err: str | None = None
+    try:
+        verify_checkpoint(path, (rank, world))
+    except LongtrainError as e:
+        err = str(e)
+    if world > 1:
+        errs: list[str | None] = [None] * world
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise LongtrainError(err)
 
 
 def read_client_state(path: str | Path) -> dict[str, Any]:
@@ -549,7 +571,7 @@ def load_checkpoint(
     """
     path = resolve_checkpoint(path)
     rank, _ = _rank_world()
-    verify_checkpoint(path)
+    verify_collectively(path)
     check_compatible(path, model_config, tokenizer_hash)
     state = read_client_state(path)
     saved = state.get("topology", {})
@@ -566,6 +588,7 @@ def load_checkpoint(
             partitions,
         )
         udir = ensure_universal(path, is_converter=rank == 0, timeout_s=convert_timeout_s)
+        verify_collectively(udir)
         load_dir, tag = udir.parent, udir.name
     previous = cfg.load_universal_checkpoint
     # DeepSpeed consults this flag only while loading, so it can be set for this one load.
