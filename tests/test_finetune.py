@@ -236,24 +236,30 @@ def write_classify_data(d: Path, n_train: int, n_val: int, seed: int = 0) -> Non
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
 
 
-def test_classification_learns_far_token_and_hf_export_matches(work: Path, tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+def cls_cfg(work: Path, run: Path, data: Path, **sections) -> dict:
+    cfg = base_cfg(
+        run,
+        data,
+        data={"seq_len": 256, "tokenizer": str(work / "tok")},
+        train={"steps": 30, "micro_batch": 8, "lr": 3e-3, "warmup": 4},
+        log={"interval": 1, "eval_interval": 10},
+    )
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
 
-    from longtrain.data.classify import ClassifyData
-    from longtrain.launch.cli import main as cli
-    from longtrain.model.heads import TransformerForClassification, last_token_logits
-    from longtrain.model.hf import MODEL_CONFIG_FILE, ModelConfig
 
-    data = tmp_path / "cls"
+@pytest.fixture(scope="module")
+def cls_run(work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A single-process classification run (full fine-tune from scratch), and its data."""
+    root = tmp_path_factory.mktemp("cls")
+    data, run = root / "cls", root / "cls_run"
     write_classify_data(data, 512, 64)
-    run = tmp_path / "cls_run"
     finetune(
-        base_cfg(
+        cls_cfg(
+            work,
             run,
             data,
-            data={"seq_len": 256, "tokenizer": str(work / "tok")},
-            train={"steps": 30, "micro_batch": 8, "lr": 3e-3, "warmup": 4},
-            log={"interval": 10, "eval_interval": 10},
             finetune={
                 "task": "classify",
                 "num_labels": 2,
@@ -261,6 +267,20 @@ def test_classification_learns_far_token_and_hf_export_matches(work: Path, tmp_p
             },
         )  # fmt: skip
     )
+    return run, data
+
+
+def test_classification_learns_far_token_and_hf_export_matches(
+    work: Path, cls_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from longtrain.data.classify import ClassifyData
+    from longtrain.launch.cli import main as cli
+    from longtrain.model.heads import TransformerForClassification, last_token_logits
+    from longtrain.model.hf import MODEL_CONFIG_FILE, ModelConfig
+
+    run, data = cls_run
     evals = [r for r in metrics(run) if "val_acc" in r]
     print("classification evals:", [(r["step"], round(r["val_loss"], 3), r["val_acc"], round(r["val_f1"], 3)) for r in evals])  # fmt: skip
     assert evals[0]["step"] == 0
@@ -522,21 +542,38 @@ def test_classify_batches_shard_labels_across_sp_ranks(work: Path, tmp_path: Pat
                 assert whole["input_ids"][row, n - 1] == data.tok.eos_id
 
 
-def test_early_stopping_stops_and_keeps_best(work: Path, tmp_path: Path) -> None:
-    run = tmp_path / "es"
-    p = finetune(
-        base_cfg(
-            run,
-            work / "sft",
-            train={"steps": 10},
-            log={"eval_interval": 1},
-            # No later evaluation can beat the first by 1e9: stop after `patience` evaluations.
-            finetune={"early_stopping": {"patience": 2, "min_delta": 1e9}},
-        )
+def test_classify_sp2_zero3_matches_and_early_stopping_keeps_best(
+    work: Path, cls_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """2 ranks, SP=2 (a row's last token, hence its label, lives on one rank), ZeRO-3: the same
+    losses as the 1-rank run; early stopping then ends the run and keeps the best model."""
+    ref, data = cls_run
+    run = tmp_path / "cls_sp2"
+    cfg = cls_cfg(
+        work,
+        run,
+        data,
+        parallel={"sp": 2, "zero_stage": 3},
+        log={"eval_interval": 1},
+        # No later evaluation can beat the first by 1e9: stop after `patience` evaluations.
+        finetune={"task": "classify", "early_stopping": {"patience": 2, "min_delta": 1e9}},
     )
-    assert "early stopping at step 3" in p.stdout + p.stderr
-    steps = [r["step"] for r in metrics(run) if "loss" in r]
-    assert steps == [1, 2, 3]
+    path = Path(str(run) + ".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "longtrain.launch", "finetune", "--config", str(path)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "DP 1 x SP 2" in out and "early stopping at step 3" in out
+    got, want = losses(run), losses(ref)
+    print("\nclassification loss, 1 rank vs 2 ranks (SP=2, ZeRO-3):")
+    for s in sorted(got):
+        print(f"{s:>4}  {want[s]:.8f}  {got[s]:.8f}")
+    assert sorted(got) == [1, 2, 3]
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), s
     assert json.loads((run / "best" / "source.json").read_text())["step"] == 1
     assert json.loads((run / "final" / "source.json").read_text())["step"] == 3
 
