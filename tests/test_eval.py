@@ -126,6 +126,10 @@ def test_passkey_scored_only_on_the_key_tokens() -> None:
     assert (
         res["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and res["overall"] == 1.0 and res["trials"] == 2
     )
+    # The first key token wrong in every 400-token sample (the key is 5 characters there).
+    res = eval_passkey(OracleModel(256, {400 - 5 - 1}), samples, [400, 600], [0.0, 1.0], cpu)
+    assert res["accuracy"] == [[0.0, 0.0], [1.0, 1.0]] and res["overall"] == 0.5
+    assert res["token_accuracy"] == [[0.8, 0.8], [1.0, 1.0]]
 
 
 @pytest.fixture(scope="module")

@@ -156,15 +156,25 @@ def eval_passkey(
 ) -> dict[str, Any]:
     """Accuracy per (length, depth) cell; ``samples`` as built by :func:`passkey_grid`."""
     hits: dict[tuple[int, float], list[bool]] = {(n, d): [] for n in lengths for d in depths}
+    tok_hits: dict[tuple[int, float], list[float]] = {k: [] for k in hits}
     for s in tqdm(samples, desc="eval passkey", unit="sample", leave=False):
-        hits[(s.length, s.depth)].append(answer_correct(predict_answer(model, s, device), s))
-    acc = [[sum(hits[(n, d)]) / max(1, len(hits[(n, d)])) for d in depths] for n in lengths]
+        pred = predict_answer(model, s, device)
+        hits[(s.length, s.depth)].append(answer_correct(pred, s))
+        right = sum(p == a for p, a in zip(pred, s.answer_ids))
+        tok_hits[(s.length, s.depth)].append(right / len(s.answer_ids))
+
+    def grid(d: dict[tuple[int, float], list[Any]]) -> list[list[float]]:
+        return [[sum(d[(n, x)]) / max(1, len(d[(n, x)])) for x in depths] for n in lengths]
+
+    acc = grid(hits)
     return {
         "task": "passkey",
         "lengths": list(lengths),
         "depths": list(depths),
         "trials": len(samples) // max(1, len(lengths) * len(depths)),
         "accuracy": acc,
+        # Partial credit: the fraction of the key's tokens predicted right (a diagnostic).
+        "token_accuracy": grid(tok_hits),
         "overall": sum(map(sum, hits.values())) / max(1, len(samples)),
     }
 
@@ -233,24 +243,50 @@ class _HFEncoder:
         return list(self.tok.encode(text, add_special_tokens=False))
 
 
+def _load_training_checkpoint(path: Path) -> tuple[Any, dict[str, Any], Path]:
+    """A trainer checkpoint (DeepSpeed shards, any ZeRO stage) consolidated on the CPU."""
+    from longtrain.model.config import ModelConfig
+    from longtrain.model.transformer import Transformer
+    from longtrain.train import checkpoint as ckpt
+    from longtrain.train.parallel import setup_accelerator_env
+
+    setup_accelerator_env()  # before shard consolidation imports deepspeed
+    path = ckpt.resolve_checkpoint(path)
+    cfg_file = path / "model_config.json"
+    if not cfg_file.is_file():
+        raise LongtrainError(f"{path}: no model_config.json; not a longtrain checkpoint")
+    cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    sd = ckpt.consolidate_state_dict(path)
+    # Build on meta and adopt the consolidated tensors: the model never exists twice.
+    with torch.device("meta"):
+        model = Transformer(cfg, attention="auto")
+    _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if unexpected or still_meta:
+        raise LongtrainError(
+            f"{path}: weights do not match model_config.json (missing {still_meta[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.rope.to_empty(device="cpu")
+    model.rope.reset_parameters()
+    data = ckpt.read_client_state(path).get("config", {}).get("data", {}) or {}
+    return model, data, path
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
     """The model, what the run says about its data, and the default output directory."""
-    import yaml
-
-    from longtrain.model.hf import load_hf, load_model_dir, resolve_checkpoint
+    from longtrain.model.hf import load_hf, load_model_dir
 
     if args.hf:
         if not Path(args.hf).is_dir():
             raise LongtrainError(f"--hf {args.hf}: not a directory")
         return load_hf(args.hf, attention="auto"), {}, Path("runs") / "eval" / Path(args.hf).name
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = load_model_dir(ckpt, attention="auto")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    info: dict[str, Any] = {}
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        info = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {}) or {}
-    return model, info, run_dir / "eval" / ckpt.name
+    src = Path(args.checkpoint)
+    if (src / "model.safetensors").is_file() and (src / "model_config.json").is_file():
+        return load_model_dir(src, attention="auto"), {}, src / "eval"  # model-only directory
+    model, data, path = _load_training_checkpoint(src)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    return model, data, run_dir / "eval" / path.name
 
 
 def _parse_list(text: str, kind: type, option: str) -> list[Any]:
