@@ -67,6 +67,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class _Rank0Filter(logging.Filter):
+    """Job-level notices are the same on every rank: print them once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _rank_world()[0] == 0 or getattr(record, "every_rank", False)
+
+
+log.addFilter(_Rank0Filter())
+
 CHECKPOINTS = "checkpoints"
 COMMIT = "COMMIT"
 LATEST = "latest"
@@ -619,7 +629,11 @@ def restore_rng_state(path: str | Path) -> None:
     rank, _ = _rank_world()
     rng_file = Path(path) / RNG_STATE.format(rank=rank)
     if not rng_file.is_file():
-        log.warning("%s missing (world size changed): using rank 0's RNG state", rng_file.name)
+        log.warning(
+            "%s missing (world size changed): using rank 0's RNG state",
+            rng_file.name,
+            extra={"every_rank": True},
+        )
         rng_file = Path(path) / RNG_STATE.format(rank=0)
     _rng_restore(torch.load(rng_file, weights_only=True))
 
