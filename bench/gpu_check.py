@@ -494,7 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.budget_s - (time.monotonic() - t_start)
         _run_stage("pretrain", lambda: stage_pretrain(sh, out, budget), report)
     report["seconds"] = time.monotonic() - t_start
-    report["ok"] = bool(report["cores"].get("ok")) and "rows" in report["model"]
+    # A pretrain stage that ran and failed fails the check; a skipped one (no deepspeed) does not.
+    report["ok"] = (
+        bool(report["cores"].get("ok"))
+        and "rows" in report["model"]
+        and "error" not in report["pretrain"]
+    )
     Path(report["json"]).write_text(json.dumps(report, indent=2, default=str))
     print(summary_table(report))
     return 0 if report["ok"] else 1
