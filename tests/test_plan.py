@@ -148,6 +148,17 @@ def test_recommend_none_when_nothing_fits_and_valid_otherwise() -> None:
     assert r is not None and r["memory_gb"] <= 80 and 8 % r["sp"] == 0
 
 
+def test_presets_plan_without_error() -> None:
+    from longtrain.train.config import load_job
+    from longtrain.train.plan import plan_input_from_job
+
+    for name, gpus in [("1b-32k", 8), ("8b-128k", 32), ("8b-1m-offload", 32)]:
+        job = load_job(ROOT / "launch" / "configs" / f"{name}.yaml", ["data.dir="])
+        plan = make_plan(plan_input_from_job(job), gpus, 80, GPUS["h100"])
+        assert plan["fits"], (name, plan["memory_gb"])  # the presets are meant to fit
+        assert plan["recommended"] is not None
+
+
 def test_bad_layouts_are_one_clear_error() -> None:
     with pytest.raises(LongtrainError, match="parallel.sp=3"):
         make_plan(PlanInput(get_flavor("8b"), seq_len=3 * 1024, sp=3), 3, 80, GPUS["h100"])

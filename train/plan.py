@@ -497,6 +497,7 @@ def recommend(p: PlanInput, gpus: int, gpu_mem_gb: float, gpu: GpuSpec) -> dict[
                 for ckpt in CHECKPOINTING:
                     q = dataclasses.replace(
                         p, sp=sp, zero_stage=zero, offload_optimizer=offload,
+                        offload_params=p.offload_params and zero == 3,  # ZeRO-3 only
                         activation_checkpointing=ckpt,
                     )  # fmt: skip
                     mem = memory(q, gpus, gpu).total
