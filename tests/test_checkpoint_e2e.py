@@ -8,7 +8,8 @@
   reference, and the final checkpoint equal to the reference's (weights, optimizer, step,
   loader position);
 * relaunched on 1 rank (DP 2 -> 1, same tokens per step) it reshards through the universal
-  checkpoint: losses within 1e-5 relative of the reference.
+  checkpoint: losses within 1e-5 relative of the reference; the same for a run saved with
+  SP=2 and resumed with SP=1.
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def e2e(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     ref, pre = root / "ref", root / "pre"
     ref_procs = _start(2, ref, data_dir)
+    # SP=2 x DP=1 with 2 accumulation steps: the same 4 windows per step as DP=2.
+    sp = root / "sp"
+    sp_procs = _start(2, sp, data_dir, "parallel.sp=2", "train.grad_accum=2", "train.steps=3")
     job = _sbatch(root, pre, data_dir, "train.steps=100000")
     # SIGTERM to the batch script once step 2 is logged, as SLURM sends it before the limit.
     deadline = time.monotonic() + 180
@@ -178,6 +182,7 @@ def e2e(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     _wait([job], pre)
     exit_s = time.monotonic() - t_signal
     assert _wait(ref_procs, ref) == [0, 0], _logs(ref, 2)
+    assert _wait(sp_procs, sp) == [0, 0], _logs(sp, 2)
     stopped = find_latest(pre)
     requeued = (root / "scontrol.log").read_text() if (root / "scontrol.log").is_file() else ""
     # Both continuations start from copies of the preempted run.
@@ -186,8 +191,12 @@ def e2e(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copytree(pre, resharded)
     exact_job = _sbatch(root, exact, data_dir)  # the requeued job: the same script again
     reshard_procs = _start(1, resharded, data_dir, "train.grad_accum=2")
+    sp_resumed = root / "sp_resumed"
+    shutil.copytree(sp, sp_resumed)
+    sp_procs = _start(1, sp_resumed, data_dir, "train.grad_accum=2")
     assert _wait([exact_job], exact) == [0], _logs(exact, 1)
     assert _wait(reshard_procs, resharded) == [0], _logs(resharded, 1)
+    assert _wait(sp_procs, sp_resumed) == [0], _logs(sp_resumed, 1)
     return {
         "ref": ref,
         "pre": pre,
@@ -197,6 +206,8 @@ def e2e(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "exit_s": exit_s,
         "pre_log": _logs(pre, 1),
         "requeued": requeued,
+        "sp": sp,
+        "sp_resumed": sp_resumed,
         "rank_exits": {f.name: f.read_text() for f in (root / "pre.exits").iterdir()},
     }
 
@@ -255,4 +266,15 @@ def test_relaunch_on_fewer_ranks_reshards_and_continues(e2e: dict) -> None:
     rel = [abs(res[s] - ref[s]) / abs(ref[s]) for s in steps]
     assert max(rel) <= 1e-5, rel
     log = (e2e["resharded"].parent / "resharded.rank0.log").read_text()
+    assert "has 2 ZeRO partitions, this run 1: loading through a universal checkpoint" in log
+
+
+def test_relaunch_with_another_sp_degree_reshards_and_continues(e2e: dict) -> None:
+    # Saved at step 3 by SP=2 x DP=1 (2 ZeRO partitions), resumed by a single rank (SP=1).
+    ref, sp, res = _losses(e2e["ref"]), _losses(e2e["sp"]), _losses(e2e["sp_resumed"])
+    rel = [abs(res[s] - ref[s]) / abs(ref[s]) for s in range(4, STEPS + 1)]
+    assert max(rel) <= 1e-5, rel
+    # And the SP=2 steps themselves matched DP=2 (the trainer's SP equivalence).
+    assert max(abs(sp[s] - ref[s]) / abs(ref[s]) for s in (1, 2, 3)) <= 1e-5
+    log = (e2e["sp_resumed"].parent / "sp_resumed.rank0.log").read_text()
     assert "has 2 ZeRO partitions, this run 1: loading through a universal checkpoint" in log
