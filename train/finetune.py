@@ -58,8 +58,8 @@ from longtrain.train.parallel import all_reduce_sum, build_topology, env_world, 
 CRASH_ENV = "LONGTRAIN_FT_CRASH_AFTER_STEP"
 
 
-def _check_topology(cfg: ModelConfig, st: Stage, world: int) -> None:
-    where = f"finetune.stages[{st.index}]" if st.name != "stage1" or st.index else "parallel"
+def _check_topology(cfg: ModelConfig, st: Stage, world: int, staged: bool) -> None:
+    where = f"finetune.stages[{st.index}]" if staged else "parallel"
     if world % st.sp:
         raise LongtrainError(f"{where}: sp={st.sp} does not divide the world size {world}")
     if cfg.n_heads % st.sp:
@@ -194,7 +194,10 @@ class _Run:
         self.manifest = read_manifest(job.data.dir) if self.task == "lm" else {}
         self.base_cfg = init_model_config(job, self.manifest)  # before any process group
         for st in self.stages:
-            _check_topology(stage_model_config(self.base_cfg, job, st), st, world)
+            cfg = stage_model_config(self.base_cfg, job, st)
+            _check_topology(cfg, st, world, bool(job.finetune.stages))
+        if self.task == "classify" and len(self.stages) > 1:
+            raise LongtrainError("finetune.task=classify runs one stage; drop finetune.stages")
         self.tok_hash = self.manifest.get("tokenizer_hash")
         self.rank, self.world, _ = init_distributed(job.parallel.timeout_s)
         self.is_main = self.rank == 0
@@ -207,8 +210,6 @@ class _Run:
         if self.task == "classify":
             from longtrain.data.classify import ClassifyData
 
-            if len(self.stages) > 1:
-                raise LongtrainError("finetune.task=classify runs one stage; drop finetune.stages")
             tk, n = job.data.tokenizer, self.ft.num_labels
             self.cls_train = ClassifyData(job.data.dir, "train", tk, self.longest, n)
             self.cls_val = ClassifyData(job.data.dir, "val", tk, self.longest, n)
