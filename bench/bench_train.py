@@ -14,7 +14,7 @@ process; the figure above an import-only process of the same libraries is report
 On GPU the same script compares ``torch.cuda.max_memory_allocated``.
 
     python bench/bench_train.py --data runs/demo/data            # after `make demo`
-    python bench/bench_train.py --data DIR --seq-len 16384 --steps 3
+    python bench/bench_train.py --data DIR --seq-len 16384 --steps 3 --vocab 32000
 
 Prints a table and one JSON line; paste both into bench/RESULTS.md with the date and machine.
 """
@@ -41,7 +41,7 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def hf_worker(data_dir: str, seq_len: int, steps: int, out: str) -> None:
+def hf_worker(data_dir: str, seq_len: int, steps: int, vocab: int, out: str) -> None:
     """The baseline: a plain transformers training loop of the same shape."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,7 +49,7 @@ def hf_worker(data_dir: str, seq_len: int, steps: int, out: str) -> None:
     from longtrain.model.config import get_flavor
     from longtrain.model.hf import config_to_hf
 
-    vocab = json.loads((Path(data_dir) / "manifest.json").read_text())["vocab_size"]
+    data_vocab = json.loads((Path(data_dir) / "manifest.json").read_text())["vocab_size"]
     cfg = get_flavor("debug", vocab_size=vocab, max_seq_len=seq_len, **SHAPE)
     base = _rss_gb()
     hf_cfg = LlamaConfig.from_dict(config_to_hf(cfg))
@@ -60,7 +60,7 @@ def hf_worker(data_dir: str, seq_len: int, steps: int, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps):
-        ids = torch.randint(0, vocab, (1, seq_len), generator=g)
+        ids = torch.randint(0, data_vocab, (1, seq_len), generator=g)
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -91,7 +91,7 @@ def _say(msg: str) -> None:
 
 
 def run_longtrain(
-    data_dir: str, seq_len: int, steps: int, sp: int, threads: int, tmp: Path
+    data_dir: str, seq_len: int, steps: int, sp: int, threads: int, tmp: Path, vocab: int
 ) -> dict[str, float]:
     """``longtrain pretrain`` as users run it; figures from its metrics.jsonl."""
     _say(f"longtrain pretrain seq_len={seq_len} sp={sp}")
@@ -100,6 +100,7 @@ def run_longtrain(
         "model.flavor=debug",
         "model.attention=sdpa",
         *[f"model.overrides.{k}={v}" for k, v in SHAPE.items()],
+        f"model.overrides.vocab_size={vocab}",
         f"data.dir={data_dir}",
         f"data.seq_len={seq_len}",
         "data.attention=causal",  # one causal window, like the baseline
@@ -152,26 +153,31 @@ def main() -> None:
     ap.add_argument("--short-seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="threads of a single-process run")
+    ap.add_argument(
+        "--vocab", type=int, default=0, help="model vocabulary (default: the data's); >= the data's"
+    )
     a = ap.parse_args()
     if not (Path(a.data) / "manifest.json").is_file():
         sys.exit(f"--data {a.data}: no prepared data; run `make demo` or `longtrain prepare`")
+    data_vocab = json.loads((Path(a.data) / "manifest.json").read_text())["vocab_size"]
+    V = max(a.vocab, data_vocab)
     t, L, S = a.threads, a.seq_len, a.short_seq_len
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         _say(f"transformers loop seq_len={L}")
-        hf = _worker(["--hf", a.data, str(L), str(a.steps)], t)
-        ours = run_longtrain(a.data, L, a.steps, 1, t, tmp)
+        hf = _worker(["--hf", a.data, str(L), str(a.steps), str(V)], t)
+        ours = run_longtrain(a.data, L, a.steps, 1, t, tmp, V)
         imp_hf = _worker(["--import", "hf"], t)["peak_gb"]
         imp_lt = _worker(["--import", "longtrain"], t)["peak_gb"]
         sp1_long = ours
-        sp1_short = run_longtrain(a.data, S, a.steps, 1, t, tmp)
-        sp2_long = run_longtrain(a.data, L, a.steps, 2, max(1, t // 2), tmp)
-        sp2_short = run_longtrain(a.data, S, a.steps, 2, max(1, t // 2), tmp)
+        sp1_short = run_longtrain(a.data, S, a.steps, 1, t, tmp, V)
+        sp2_long = run_longtrain(a.data, L, a.steps, 2, max(1, t // 2), tmp, V)
+        sp2_short = run_longtrain(a.data, S, a.steps, 2, max(1, t // 2), tmp, V)
     act1 = sp1_long["peak_gb"] - sp1_short["peak_gb"]
     act2 = sp2_long["peak_gb"] - sp2_short["peak_gb"]
     res = {
         "seq_len": L,
-        "shape": SHAPE,
+        "shape": {**SHAPE, "vocab_size": V},
         "hf_tokens_per_s": hf["tokens_per_s"],
         "longtrain_tokens_per_s": ours["tokens_per_s"],
         "tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
@@ -185,7 +191,7 @@ def main() -> None:
         "sp2_tokens_per_s": sp2_long["tokens_per_s"],
         "sp2_over_sp1_activation_ratio": act2 / act1 if act1 > 0 else float("nan"),
     }
-    print(f"\nseq_len {L}, shape {SHAPE}, fp32, batch 1, {t} threads per single process")
+    print(f"\nseq_len {L}, shape {res['shape']}, fp32, batch 1, {t} threads per single process")
     print(f"{'':38}{'transformers':>14}{'longtrain':>12}{'ratio':>8}")
     print(
         f"{'tokens/s':38}{hf['tokens_per_s']:14.0f}{ours['tokens_per_s']:12.0f}"
@@ -208,7 +214,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--hf":
-        hf_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        hf_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     elif len(sys.argv) > 1 and sys.argv[1] == "--import":
         import_worker(sys.argv[2], sys.argv[3])
     else:
