@@ -586,6 +586,7 @@ def test_classify_sp2_zero3_matches_and_early_stopping_keeps_best(
         ("finetune.task=regress", "finetune.task must be one of"),
         ("finetune.lora.targets=[wz]", "lora.targets has unknown module names"),
         ("model.overrides.dim=128", "model.overrides.dim: the shape comes from model.init"),
+        ("data.tokenizer=TOK2", "differs from the tokenizer data.dir"),
     ],
 )
 def test_bad_finetune_config_fails_with_one_line(
@@ -599,6 +600,14 @@ def test_bad_finetune_config_fails_with_one_line(
     init = tmp_path / "init"
     save_model_dir(Transformer(get_flavor("debug", **SHAPE, vocab_size=512)), init)
     cfg = base_cfg(tmp_path / "bad", work / "data", model={"init": str(init), "overrides": {}})
+    if "TOK2" in override:  # a different tokenizer than the data's
+        import shutil
+
+        shutil.copytree(work / "tok", tmp_path / "tok2")
+        meta = json.loads((tmp_path / "tok2" / "tokenizer_meta.json").read_text())
+        meta["hash"] = "0" * 64
+        (tmp_path / "tok2" / "tokenizer_meta.json").write_text(json.dumps(meta))
+        override = override.replace("TOK2", str(tmp_path / "tok2"))
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli(["finetune", "--config", str(path), override]) == 2

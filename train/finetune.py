@@ -192,6 +192,15 @@ class _Run:
         self.job, self.ft, self.task = job, job.finetune, job.finetune.task
         _, world, _ = env_world()
         self.manifest = read_manifest(job.data.dir) if self.task == "lm" else {}
+        if self.manifest and job.data.tokenizer:
+            from longtrain.train.config import _tokenizer_hash
+
+            want, have = self.manifest.get("tokenizer_hash"), _tokenizer_hash(job.data.tokenizer)
+            if want != have:
+                raise LongtrainError(
+                    f"data.tokenizer {job.data.tokenizer} differs from the tokenizer data.dir "
+                    f"{job.data.dir} was prepared with; use {Path(job.data.dir) / 'tokenizer'}"
+                )
         self.base_cfg = init_model_config(job, self.manifest)  # before any process group
         for st in self.stages:
             cfg = stage_model_config(self.base_cfg, job, st)
