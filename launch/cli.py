@@ -133,7 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="passkey depths in [0,1]")
     p.add_argument("--bucket", type=int, default=1024, help="position bucket size (ppl)")
     p.add_argument("--samples", type=int, default=8, help="windows or trials per cell")
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree")
+    p.add_argument(
+        "--sp",
+        type=int,
+        default=1,
+        help="sequence-parallel degree; > 1 under torchrun --nproc_per_node N (N divisible by it)",
+    )
+    p.add_argument(
+        "--timeout", type=int, default=1800, help="collective timeout in seconds (distributed)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("plan", help="predict memory, step time and MFU before booking a cluster")

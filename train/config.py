@@ -137,6 +137,15 @@ class LogSection:
     """Write a metrics row every this many steps."""
     eval_interval: int = 100
     """Validation loss/perplexity every this many steps (and at the start and end); 0 = never."""
+    long_eval_interval: int = 0
+    """Long-context eval every this many steps (and at the end); 0 = off. Logs validation loss
+    per position bucket (``long_eval/loss_0-1K``, ...) to metrics.jsonl and TensorBoard; see
+    ``longtrain.train.evaluate.long_eval``."""
+    long_eval_bucket: int = 1024
+    """Positions per bucket of the long-context eval (``loss_0-1K`` covers positions 0-1023)."""
+    long_eval_passkey: list = field(default_factory=list)
+    """Context lengths (each <= data.seq_len) at which the long-context eval also measures
+    passkey retrieval accuracy (``long_eval/passkey_<len>``), e.g. ``[8192, 32768]``; [] = none."""
     tensorboard: bool = True
     """Write TensorBoard events under run_dir/tb/."""
     wandb: bool = False
@@ -348,6 +357,14 @@ def check_fields(job: JobConfig) -> None:
     need(c.keep >= 2, f"checkpoint.keep={c.keep}: keep at least 2 (a new checkpoint may be torn)")
     need(lg.interval >= 1, "log.interval must be >= 1")
     need(lg.eval_interval >= 0, "log.eval_interval must be >= 0")
+    need(lg.long_eval_interval >= 0, "log.long_eval_interval must be >= 0 (0 = off)")
+    need(lg.long_eval_bucket >= 1, "log.long_eval_bucket must be >= 1")
+    need(
+        isinstance(lg.long_eval_passkey, list)
+        and all(type(n) is int and 0 < n <= d.seq_len for n in lg.long_eval_passkey),
+        f"log.long_eval_passkey={lg.long_eval_passkey!r}: expected a list of lengths in "
+        f"[1, data.seq_len={d.seq_len}], e.g. [{d.seq_len}]",
+    )
     need(bool(job.run_dir), "run_dir must not be empty")
 
 

@@ -148,7 +148,9 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v)):
-                    self.tb.add_scalar(k if k.startswith("val") else f"train/{k}", v, step)
+                    # val_* and long_eval/* keep their names; the rest go under train/.
+                    tag = k if k.startswith(("val", "long_eval/")) else f"train/{k}"
+                    self.tb.add_scalar(tag, v, step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if k != "step"}, step=step)

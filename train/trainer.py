@@ -269,6 +269,10 @@ def run(job: JobConfig) -> int:
         )
 
     inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+    if job.log.long_eval_interval:
+        from longtrain.train.evaluate import check_long_eval
+
+        check_long_eval(job)  # a bad passkey length fails now, not at the first long eval
     ev = job.log.eval_interval
     if ev and start_step == 0:
         vl, vt = evaluate(engine, job, topo, device)
@@ -343,6 +347,13 @@ def run(job: JobConfig) -> int:
                     row.update({"val_loss": vl, "val_ppl": float(np.exp(min(vl, 50)))})
                 logger.log(row)
                 win_tokens, win_start, win_losses = 0, time.perf_counter(), []
+            li = job.log.long_eval_interval
+            if li and (step % li == 0 or step == job.train.steps):
+                from longtrain.train.evaluate import long_eval
+
+                t0 = time.perf_counter()
+                logger.log({"step": step, **long_eval(engine, job, topo, device)})
+                win_start += time.perf_counter() - t0  # evaluating is not training throughput
             ci = job.checkpoint.interval
             if ci and step % ci == 0 and step < job.train.steps and bad_streak == 0:
                 last_saved = save(step)
