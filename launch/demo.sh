@@ -60,11 +60,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-prompt = "import os\nimport "
+prompt = "def test_"
 ids = tok(prompt, return_tensors="pt")
+torch.manual_seed(0)
 with torch.no_grad():
-    out = model.generate(**ids, max_new_tokens=40, do_sample=False)
-print("--- prompt + completion ---")
+    out = model.generate(
+        **ids, max_new_tokens=48, do_sample=True, top_k=40, temperature=0.8, repetition_penalty=1.3
+    )
+print("--- prompt + sampled completion (a 5M model after 123K tokens: expect token soup) ---")
 print(tok.decode(out[0], skip_special_tokens=True).rstrip())
 print("--------------------------")
 PYEOF

@@ -130,6 +130,11 @@ def test_deepspeed_config_follows_the_job() -> None:
     assert "bf16" not in cpu and cpu["optimizer"]["params"]["torch_adam"] is True
     gpu = deepspeed_config(job, topo, torch.device("cuda"))
     assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
+    # Without offload a GPU run uses torch's AdamW (no JIT-compiled DeepSpeed op needed).
+    job.parallel.offload_optimizer = job.parallel.offload_params = False
+    gpu = deepspeed_config(job, topo, torch.device("cuda"))
+    assert gpu["optimizer"]["params"]["torch_adam"] is True
+    assert "offload_param" not in gpu["zero_optimization"]
 
 
 def test_kv_replication() -> None:

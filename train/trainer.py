@@ -374,7 +374,13 @@ def run(job: JobConfig) -> int:
         logger.close()
         handler.finish()
         handler.uninstall()
-    png = logger.plot()
+        # Also after a failure (NaN streak): the curve up to it is what one looks at first.
+        try:
+            png = logger.plot()
+        except Exception as e:  # a plotting problem must not hide the run's own error
+            png = None
+            if is_main:
+                print(f"longtrain: loss curve not written: {e}", flush=True)
     if is_main:
         print(f"longtrain: done at step {step}; checkpoint {last_saved}", flush=True)
         print(f"longtrain: metrics {run_dir / 'metrics.jsonl'}; loss curve {png}", flush=True)
