@@ -281,3 +281,19 @@ def test_deepspeed_launcher_local_rank_is_accepted() -> None:
     ):
         args = build_parser().parse_args(argv)
         assert args.command == "pretrain" and args.config == "x.yaml"
+
+
+@pytest.mark.slow
+def test_single_process_without_launcher(data_dir: Path, tmp_path: Path) -> None:
+    # No torchrun, no RANK/MASTER_ADDR: `longtrain pretrain` makes its own one-rank group.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}  # fmt: skip
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "longtrain.launch", "pretrain", "--config", str(_config(tmp_path))]
+    cmd += [f"data.dir={data_dir}", f"run_dir={run}", *MODEL, "train.steps=2"]
+    cmd += ["parallel.zero_stage=0", "log.eval_interval=0"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "checkpoints" / "step_00000002" / "COMMIT").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["grad_norm"]) for r in rows)
