@@ -80,10 +80,9 @@ def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> di
                 "betas": [t.beta1, t.beta2],
                 "eps": t.eps,
                 "weight_decay": t.weight_decay,
-                # torch's AdamW unless the optimizer lives on the CPU next to a GPU run, where
-                # DeepSpeed's vectorised CPU Adam is much faster. (Its fused GPU Adam would need
-                # nvcc at run time to JIT-compile; torch's foreach AdamW needs nothing.)
-                "torch_adam": not (on_gpu and p.offload_optimizer),
+                # See deepspeed_adam(): torch's AdamW unless DeepSpeed's own op can be used
+                # without failing at the first step.
+                "torch_adam": not (on_gpu and deepspeed_adam(p.offload_optimizer)),
             },
         },
         "zero_allow_untested_optimizer": True,
@@ -95,6 +94,27 @@ def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> di
         # Non-finite gradients must skip the update (NaN/Inf loss handling relies on it).
         cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
     return cfg
+
+
+def deepspeed_adam(offload_optimizer: bool) -> bool:
+    """Whether a GPU run uses DeepSpeed's Adam (True) or torch's AdamW (False).
+
+    DeepSpeed builds its ops at first use unless it was installed with them prebuilt
+    (``DS_BUILD_FUSED_ADAM=1`` / ``DS_BUILD_CPU_ADAM=1``; ``ds_report`` lists them). Its fused
+    GPU Adam then needs nvcc, which a box with only PyTorch lacks, and it gains little over
+    torch's foreach AdamW: used only when prebuilt. Its CPU Adam (ZeRO-Offload: the optimizer
+    step runs on the CPU) is several times faster than torch's AdamW there and JIT-builds with
+    just a C++ compiler (ninja is a DeepSpeed dependency): used when prebuilt or buildable.
+    """
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    if offload_optimizer:
+        return bool(installed_ops.get("cpu_adam")) or shutil.which("c++") is not None
+    return bool(installed_ops.get("fused_adam"))
 
 
 def lr_at(step: int, job: JobConfig) -> float:
