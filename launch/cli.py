@@ -84,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="held-out fraction")
-    p.add_argument(
-        "--shard-tokens", type=int, default=50_000_000, help="target tokens per shard"
-    )
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="target tokens per shard")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records, report counts")
     p.add_argument(
         "--errors",
