@@ -166,13 +166,14 @@ def test_long_eval_in_training_loop(setup: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    "offload, prebuilt, cxx, uses_torch",
+    "offload, prebuilt, cxx, cuda_home, uses_torch",
     [
-        (False, {}, "/usr/bin/c++", True),  # fused Adam would need nvcc: torch's AdamW
-        (False, {"fused_adam": True}, None, False),  # prebuilt: DeepSpeed's FusedAdam
-        (True, {}, None, True),  # offload, nothing to build CPU Adam with: torch's AdamW
-        (True, {}, "/usr/bin/c++", False),  # offload, CPU Adam JIT-builds with c++
-        (True, {"cpu_adam": True}, None, False),
+        (False, {}, "/usr/bin/c++", "/usr/local/cuda", True),  # never JIT the fused Adam
+        (False, {"fused_adam": True}, None, None, False),  # prebuilt: DeepSpeed's FusedAdam
+        (True, {}, None, "/usr/local/cuda", True),  # offload, no compiler: torch's AdamW
+        (True, {}, "/usr/bin/c++", None, True),  # offload, no CUDA toolkit: torch's AdamW
+        (True, {}, "/usr/bin/c++", "/usr/local/cuda", False),  # CPU Adam JIT-builds
+        (True, {"cpu_adam": True}, None, None, False),
     ],
 )
 def test_gpu_optimizer_never_needs_a_missing_compiler(
@@ -180,9 +181,11 @@ def test_gpu_optimizer_never_needs_a_missing_compiler(
     offload: bool,
     prebuilt: dict,
     cxx: str | None,
+    cuda_home: str | None,
     uses_torch: bool,
 ) -> None:
     import deepspeed.git_version_info as gv
+    from torch.utils import cpp_extension
 
     from longtrain.train.config import load_job
     from longtrain.train.engine import deepspeed_config
@@ -190,6 +193,7 @@ def test_gpu_optimizer_never_needs_a_missing_compiler(
 
     monkeypatch.setattr(gv, "installed_ops", prebuilt)
     monkeypatch.setattr(shutil, "which", lambda name: cxx)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
     topo = Topology(0, 2, 1, 2, 0, 0, None, None, None)
     job = load_job(None, ["parallel.zero_stage=2", f"parallel.offload_optimizer={offload}"])
     gpu = deepspeed_config(job, topo, torch.device("cuda"))

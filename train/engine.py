@@ -101,19 +101,23 @@ def deepspeed_adam(offload_optimizer: bool) -> bool:
 
     DeepSpeed builds its ops at first use unless it was installed with them prebuilt
     (``DS_BUILD_FUSED_ADAM=1`` / ``DS_BUILD_CPU_ADAM=1``; ``ds_report`` lists them). Its fused
-    GPU Adam then needs nvcc, which a box with only PyTorch lacks, and it gains little over
+    GPU Adam then needs nvcc, which a box with only PyTorch lacks, and gains little over
     torch's foreach AdamW: used only when prebuilt. Its CPU Adam (ZeRO-Offload: the optimizer
-    step runs on the CPU) is several times faster than torch's AdamW there and JIT-builds with
-    just a C++ compiler (ninja is a DeepSpeed dependency): used when prebuilt or buildable.
+    step runs on the CPU) is several times faster than torch's AdamW there (Ren et al. 2021,
+    ZeRO-Offload, section 5); on a CUDA install its JIT build needs a C++ compiler and the CUDA
+    toolkit (it links cudart/curand from CUDA_HOME): used when prebuilt or buildable.
     """
     import shutil
+
+    from torch.utils import cpp_extension
 
     try:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         installed_ops = {}
     if offload_optimizer:
-        return bool(installed_ops.get("cpu_adam")) or shutil.which("c++") is not None
+        buildable = shutil.which("c++") is not None and cpp_extension.CUDA_HOME is not None
+        return bool(installed_ops.get("cpu_adam")) or buildable
     return bool(installed_ops.get("fused_adam"))
 
 
