@@ -46,6 +46,8 @@ def test_yaml_and_overrides_types(tmp_path: Path) -> None:
         ("steps=3", "unknown config key 'steps'"),
         ("train.steps", "expected key.sub=value"),
         ("checkpoint.keep=1", "checkpoint.keep=1: keep at least 2"),
+        ("checkpoint.preempt_deadline_s=0", "checkpoint.preempt_deadline_s=0.0: must be > 0"),
+        ("checkpoint.async_save=sometimes", "'checkpoint.async_save' must be true or false"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -127,6 +127,14 @@ class CheckpointSection:
     """Committed checkpoints to keep (>= 2); older ones are deleted after a new one commits."""
     resume: str = "auto"
     """auto (latest committed checkpoint in run_dir, if any) | never | PATH to one checkpoint."""
+    async_save: bool = False
+    """Copy the state to CPU memory at the save and write, hash and commit it from a background
+    thread while training goes on (the files equal a synchronous save's). Costs host memory of
+    one rank's shards; the next save and the end of the run wait for it to commit."""
+    preempt_deadline_s: float = 300.0
+    """After SIGTERM/SIGUSR1 (any rank), the ranks stop at the next step, save and exit 0; a
+    process still alive this many seconds after the signal exits with code 124 (the previous
+    committed checkpoint stays the latest). Keep it below the scheduler's grace period."""
 
 
 @dataclass
@@ -355,6 +363,11 @@ def check_fields(job: JobConfig) -> None:
     need(p.dtype in DTYPES, f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{p.dtype}'")
     need(c.interval >= 0, "checkpoint.interval must be >= 0")
     need(c.keep >= 2, f"checkpoint.keep={c.keep}: keep at least 2 (a new checkpoint may be torn)")
+    need(
+        c.preempt_deadline_s > 0,
+        f"checkpoint.preempt_deadline_s={c.preempt_deadline_s}: must be > 0 seconds (e.g. 300; "
+        "below the scheduler's grace period between its signal and SIGKILL)",
+    )
     need(lg.interval >= 1, "log.interval must be >= 1")
     need(lg.eval_interval >= 0, "log.eval_interval must be >= 0")
     need(lg.long_eval_interval >= 0, "log.long_eval_interval must be >= 0 (0 = off)")

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -173,6 +174,11 @@ def run(job: JobConfig) -> int:
     manifest = read_manifest(job.data.dir)
 
     rank, world, local = init_distributed(job.parallel.timeout_s)
+    # Every RNG starts from the job's seed, so that two runs of a job draw the same numbers
+    # and the RNG states their checkpoints record are comparable (a resume restores them).
+    random.seed(job.seed)
+    np.random.seed(job.seed)
+    torch.manual_seed(job.seed)
     _quiet_deepspeed(rank)
     is_main = rank == 0
     topo = build_topology(job.parallel.sp)
@@ -226,6 +232,7 @@ def run(job: JobConfig) -> int:
             load_optimizer=True,
             model_config=cfg.to_dict(),
             tokenizer_hash=manifest.get("tokenizer_hash"),
+            restore_rng=False,  # restored right before the first step: start-up draws numbers
         )
         start_step = int(client["step"])
         tokens_seen = int(client.get("tokens_seen", 0))
@@ -247,7 +254,7 @@ def run(job: JobConfig) -> int:
     if is_main:
         print(f"longtrain: MFU peak {peak / 1e12:.3f} TFLOP/s per rank ({peak_src})", flush=True)
 
-    handler = ckpt.PreemptionHandler()
+    handler = ckpt.PreemptionHandler(deadline_s=job.checkpoint.preempt_deadline_s)
     handler.install()
 
     saved_step = start_step if resume_from is not None else -1
@@ -264,8 +271,15 @@ def run(job: JobConfig) -> int:
             "world_size": world,
             "sp": topo.sp,
         }
+        ckpt.wait_for_pending_save()  # an async save in flight commits before the next one
         return ckpt.save_checkpoint(
-            engine, run_dir, step, client, cfg.to_dict(), keep=job.checkpoint.keep
+            engine,
+            run_dir,
+            step,
+            client,
+            cfg.to_dict(),
+            keep=job.checkpoint.keep,
+            async_save=job.checkpoint.async_save,
         )
 
     inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
@@ -292,6 +306,10 @@ def run(job: JobConfig) -> int:
     win_tokens, win_start, win_losses = 0, time.perf_counter(), []
     step = start_step
     stopped_early = False
+    if resume_from is not None:
+        # Last, after everything that draws random numbers at start-up (the MFU matmul probe,
+        # evaluation set-up): the steps continue with exactly the RNG the saved run had.
+        ckpt.restore_rng_state(ckpt.resolve_checkpoint(resume_from))
     try:
         while step < job.train.steps:
             batches = [next(loader) for _ in range(job.train.grad_accum)]
@@ -312,6 +330,7 @@ def run(job: JobConfig) -> int:
                     )
                 logger.log({"step": step, "loss": res.loss, "lr": lr, "skipped": True})
                 if bad_streak >= job.train.max_bad_steps:
+                    ckpt.wait_for_pending_save()  # the checkpoint named below is committed
                     where = last_saved or ckpt.find_latest(run_dir)
                     raise LongtrainError(
                         f"loss was NaN/Inf for {bad_streak} steps in a row (train.max_bad_steps="
@@ -369,6 +388,7 @@ def run(job: JobConfig) -> int:
                 break
         if not stopped_early and bad_streak == 0 and saved_step != step:
             last_saved = save(step)
+        ckpt.wait_for_pending_save()  # "done" and exit 0 only once the last save committed
     finally:
         bar.close()
         logger.close()
@@ -429,7 +449,8 @@ def cli_export_hf(args: argparse.Namespace) -> int:
     """``longtrain export-hf --checkpoint RUN_DIR|CHECKPOINT --out DIR``.
 
     A training checkpoint (DeepSpeed shards of any ZeRO stage, or a run directory: its latest
-    committed checkpoint) is consolidated on the CPU and written with ``longtrain.model.hf``.
+    committed checkpoint) is streamed on the CPU, one tensor at a time, into the files
+    ``longtrain.model.hf.save_hf`` would write (``longtrain.train.reshard.export_hf``).
     A model-only directory (``import-hf`` output: model_config.json + model.safetensors) is
     handed to the model room's exporter as it is. Without ``--tokenizer`` the tokenizer the
     run's data was prepared with is included when it can be found.
@@ -446,27 +467,8 @@ def cli_export_hf(args: argparse.Namespace) -> int:
         return hf.cli_export_hf(args)
     ckpt = _checkpoint_api()
     path = ckpt.resolve_checkpoint(src)
-    from longtrain.model.config import ModelConfig
-    from longtrain.model.transformer import Transformer
-
-    cfg_file = path / "model_config.json"
-    if not cfg_file.is_file():
+    if not (path / "model_config.json").is_file():
         raise LongtrainError(f"{path}: no model_config.json; not a longtrain training checkpoint")
-    cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
-    sd = ckpt.consolidate_state_dict(path)
-    sd = hf._lora_merged(sd, path, args.merge_lora)
-    # Build on meta and adopt the consolidated tensors: the model never exists twice in memory.
-    with torch.device("meta"):
-        model = Transformer(cfg, attention="sdpa")
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if unexpected or still_meta:
-        raise LongtrainError(
-            f"{path}: weights do not match model_config.json (missing {still_meta[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    model.rope.to_empty(device="cpu")
-    model.rope.reset_parameters()
     tokenizer = args.tokenizer
     if tokenizer is None:
         state = ckpt.read_client_state(path)
@@ -476,8 +478,17 @@ def cli_export_hf(args: argparse.Namespace) -> int:
             tokenizer = str(cand)
     elif not Path(tokenizer).is_dir():
         raise LongtrainError(f"--tokenizer {tokenizer}: not a directory")
-    files = hf.save_hf(
-        model, args.out, tokenizer=tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size
+    from longtrain.train.reshard import export_hf
+
+    # Streamed tensor by tensor from the ZeRO shards into the HF shards: peak memory stays at
+    # about one tensor, however large the model (bench/bench_checkpoint.py measures it).
+    files = export_hf(
+        path,
+        args.out,
+        tokenizer=tokenizer,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        merge_lora=args.merge_lora,
     )
     tok = f", tokenizer from {tokenizer}" if tokenizer else ", no tokenizer"
     print(f"exported {path} -> {args.out} ({len(files)} model files, {args.dtype}{tok})")
