@@ -4,7 +4,7 @@
     python bench/bench_attention.py --lengths 4096,8192 --docs 8 --core reference
 
 Each length runs forward + backward in a fresh subprocess, so the peak resident set size
-(``ru_maxrss``) belongs to that length alone; the figure reported is the growth of the peak
+(VmHWM, see ``train.metrics.peak_rss_bytes``) belongs to that length alone; the figure reported is the growth of the peak
 over the process's resident size just before the attention call (inputs already allocated).
 On CUDA it is ``torch.cuda.max_memory_allocated`` instead. With a fixed number of documents
 each document grows with T: a core that materialises (L, L) scores grows 4x per doubling,
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from longtrain.train.metrics import peak_rss_bytes
 
 
 def measure(
@@ -52,7 +53,7 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss_bytes()
     t0 = time.perf_counter()
     out = attn(q, k, v, cu_seqlens=cu, max_seqlen=max(lens))
     out.backward(dout)
@@ -60,7 +61,7 @@ def measure(
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
     return {"T": seq_len, "seconds": time.perf_counter() - t0, "peak_mb": (peak - base) / 2**20}
 
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from longtrain.train.metrics import peak_rss_bytes
 
 GB = 1e9
 
@@ -220,7 +221,7 @@ def _worker(spec: str) -> None:
     base = _rss_bytes()
     t0 = time.perf_counter()
     _train(case, warm=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
+    peak = peak_rss_bytes()
     print(json.dumps({"measured_gb": (peak - base) / GB, "seconds": time.perf_counter() - t0}))
 
 
@@ -268,7 +269,7 @@ def _trainer_worker(spec: str, out_dir: str) -> None:
     real = trainer.peak_memory_gb
 
     def probe(device: Any) -> float:  # called at every logged step, before the final save
-        seen["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        seen["peak"] = peak_rss_bytes()
         return real(device)
 
     trainer.peak_memory_gb = probe

@@ -9,7 +9,7 @@ Same run, same machine, same shape (dims, seq_len, batch 1, AdamW, fp32 on CPU):
    total sequence. Activation memory is isolated as peak(long) - peak(short): everything that
    does not grow with the sequence (imports, weights, optimizer states) cancels. Target: <= 0.6x.
 
-Memory on CPU is the peak RSS of each process (``ru_maxrss``), every configuration in a fresh
+Memory on CPU is the peak RSS of each process (VmHWM, see ``train.metrics.peak_rss_bytes``), every configuration in a fresh
 process; the figure above an import-only process of the same libraries is reported too.
 On GPU the same script compares ``torch.cuda.max_memory_allocated``.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,13 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from longtrain.train.metrics import peak_rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 # Small enough that a 16K-token step takes seconds on a CPU core, large enough to be a real net.
 SHAPE = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return peak_rss_bytes() / 1e9
 
 
 def hf_worker(data_dir: str, seq_len: int, steps: int, vocab: int, out: str) -> None:

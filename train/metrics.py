@@ -67,12 +67,38 @@ def measure_matmul_flops(
             return 2.0 * n**3 * reps / el
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process, in bytes.
+
+    Read from VmHWM rather than ``ru_maxrss``: Linux carries ``ru_maxrss`` over fork and exec,
+    so a rank started from a large parent (a pytest process, a launcher) would report the
+    parent's peak. VmHWM belongs to the process's own address space and starts afresh at exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    # No procfs (macOS): ru_maxrss is in bytes there, in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Lower VmHWM to the current RSS (Linux >= 4.0), so a later peak is the peak since now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank: CUDA allocator peak on GPU, peak RSS of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return peak_rss_bytes() / 1e9
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: float) -> float:
