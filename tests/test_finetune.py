@@ -473,6 +473,26 @@ def test_staged_run_interrupted_in_stage2_equals_uninterrupted(
 
     sa, sb = (read_client_state(find_latest(r)) for r in (full, cut))
     assert sa["loader"] == sb["loader"] and sa["step"] == sb["step"] == 7
+    # The RNG a resumed stage continues with is the checkpoint's, not whatever start-up drew.
+    ra, rb = (
+        torch.load(find_latest(r) / "rng_state_rank00000.pt", weights_only=True)
+        for r in (full, cut)
+    )
+    assert _same_tree(ra, rb)
+
+
+def _same_tree(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    if hasattr(a, "shape"):  # numpy arrays
+        return bool((a == b).all())
+    return a == b
 
 
 def test_staged_run_changes_sp_and_dp_between_stages(

@@ -209,6 +209,9 @@ class _Run:
             raise LongtrainError("finetune.task=classify runs one stage; drop finetune.stages")
         self.tok_hash = self.manifest.get("tokenizer_hash")
         self.rank, self.world, _ = init_distributed(job.parallel.timeout_s)
+        from longtrain.train.trainer import seed_all
+
+        seed_all(job.seed)
         self.is_main = self.rank == 0
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
@@ -313,7 +316,10 @@ class _Run:
         engine = initialize_engine(sj, model, topo, ds_config)
         if self.last_ckpt is not None:
             check_shape_compatible(self.last_ckpt, cfg)
-            self.ckpt.load_checkpoint(engine, self.last_ckpt, tokenizer_hash=self.tok_hash)
+            # RNG is restored right before the first step: the MFU probe below draws numbers.
+            self.ckpt.load_checkpoint(
+                engine, self.last_ckpt, tokenizer_hash=self.tok_hash, restore_rng=False
+            )
         loader = self.make_loader(st, topo)
         if self.early.get("stage") != st.index:
             # Validation losses at another seq_len are not comparable: restart the count.
@@ -323,6 +329,8 @@ class _Run:
             logger.log({"step": self.step, "stage": st.index, **self.validate(engine, sj, topo)})
         peak, _ = device_peak_flops(self.device, compute_dtype(sj, self.device))
         flops_tok = cfg.flops_per_token(st.seq_len, causal=True)
+        if self.last_ckpt is not None:
+            self.ckpt.restore_rng_state(self.last_ckpt)
         win_tokens, win_start, saved_at = 0, time.perf_counter(), -1
         while self.step < st.end:
             batches = [next(loader) for _ in range(st.grad_accum)]

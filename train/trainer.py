@@ -174,11 +174,7 @@ def run(job: JobConfig) -> int:
     manifest = read_manifest(job.data.dir)
 
     rank, world, local = init_distributed(job.parallel.timeout_s)
-    # Every RNG starts from the job's seed, so that two runs of a job draw the same numbers
-    # and the RNG states their checkpoints record are comparable (a resume restores them).
-    random.seed(job.seed)
-    np.random.seed(job.seed)
-    torch.manual_seed(job.seed)
+    seed_all(job.seed)
     _quiet_deepspeed(rank)
     is_main = rank == 0
     topo = build_topology(job.parallel.sp)
@@ -427,6 +423,17 @@ def _quiet_errors_off_rank0(fn: Any, job_args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch from the job's seed.
+
+    Two runs of a job then draw the same numbers, and the RNG states their checkpoints record
+    are comparable (a resume restores them).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def cli_pretrain(args: argparse.Namespace) -> int:
