@@ -1,4 +1,5 @@
 """Single-device model math: config, transformer, attention cores, RoPE, loss, HF conversion.
 
-Nothing here imports torch.distributed, train/ or data/, or reads environment variables.
+Nothing here does collective communication, imports train/ or data/, or reads the environment:
+parallelism is applied from outside, in train/.
 """
