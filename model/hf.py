@@ -381,6 +381,28 @@ def _token_ids(tokenizer: str | Path | None) -> tuple[int | None, int | None, in
     return ok(tok.bos_id), ok(tok.eos_id), ok(tok.pad_id)
 
 
+def write_hf_config(
+    cfg: ModelConfig, out: Path, tokenizer: str | Path | None, dtype: torch.dtype
+) -> list[str]:
+    """Write ``config.json`` and ``generation_config.json`` into ``out``; returns their names.
+
+    Shared by :func:`save_hf` and the streaming export of training checkpoints, so both
+    write the same files.
+    """
+    import transformers
+
+    bos, eos, pad = _token_ids(tokenizer)
+    hf_cfg = config_to_hf(cfg, bos, eos)
+    hf_cfg["pad_token_id"] = pad
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _DTYPE_NAMES[dtype]  # 4.4x / 5 spellings
+    hf_cfg["transformers_version"] = transformers.__version__
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
+    gen.update(pad_token_id=pad, transformers_version=transformers.__version__)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return ["config.json", "generation_config.json"]
+
+
 def save_hf(
     model: Transformer,
     out_dir: str | Path,
@@ -399,23 +421,7 @@ def save_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    bos, eos, pad = _token_ids(tokenizer)
-    hf_cfg = config_to_hf(cfg, bos, eos)
-    hf_cfg["pad_token_id"] = pad
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _DTYPE_NAMES[dtype]  # 4.4x / 5 spellings
-    import transformers
-
-    hf_cfg["transformers_version"] = transformers.__version__
-    files = ["config.json", "generation_config.json"]
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {
-        "_from_model_config": True,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-    }
-    gen["transformers_version"] = transformers.__version__
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    files = write_hf_config(cfg, out, tokenizer, dtype)
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     files += save_sharded(state_dict_to_hf(sd, cfg), out, parse_size(max_shard_size))
     if tokenizer is not None:

@@ -110,6 +110,18 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal(0, std) for the input projections, Normal(0, out_std) for the residual
+        outputs (wo, w2), ones for the norms; one fixed RNG order (ZeRO-3 init relies on it)."""
+        a, f = self.attention, self.feed_forward
+        for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
+            nn.init.normal_(lin.weight, std=std)
+        for lin in (a.wo, f.w2):
+            nn.init.normal_(lin.weight, std=out_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
     """(B, T) positions restarting at 0 at every document start in ``cu_seqlens``."""
@@ -150,13 +162,7 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers:
-            a, f = block.attention, block.feed_forward
-            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (a.wo, f.w2):
-                nn.init.normal_(lin.weight, std=out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
+            block.init_weights(std, out_std)
         self.norm.reset_parameters()
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)

@@ -182,17 +182,7 @@ def _init_zero3(model: nn.Module, seed: int) -> None:
         [model.tok_embeddings.weight], lambda: nn.init.normal_(model.tok_embeddings.weight, std=std)
     )
     for block in model.layers:
-        a, f = block.attention, block.feed_forward
-
-        def fill_block(a: Any = a, f: Any = f, block: Any = block) -> None:
-            for lin in (a.wq, a.wk, a.wv, f.w1, f.w3):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (a.wo, f.w2):
-                nn.init.normal_(lin.weight, std=out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-
-        unit(list(block.parameters()), fill_block)
+        unit(list(block.parameters()), lambda block=block: block.init_weights(std, out_std))
     unit([model.norm.weight], model.norm.reset_parameters)
     if model.output is not None:
         unit([model.output.weight], lambda: nn.init.normal_(model.output.weight, std=std))

@@ -468,7 +468,7 @@ def export_hf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = _write_hf_config(cfg, out, tokenizer, dtype)
+    files = hf.write_hf_config(cfg, out, tokenizer, dtype)
     if len(shards) == 1:
         names_out = [hf.MODEL_WEIGHTS_FILE]
     else:
@@ -490,24 +490,3 @@ def export_hf(
 
         save_hf_tokenizer(tokenizer, out)
     return files
-
-
-def _write_hf_config(
-    cfg: Any, out: Path, tokenizer: str | Path | None, dtype: torch.dtype
-) -> list[str]:
-    """config.json + generation_config.json exactly as ``longtrain.model.hf.save_hf`` writes
-    them (tests/test_checkpoint_e2e.py compares the two exports file by file)."""
-    import transformers
-
-    from longtrain.model import hf
-
-    bos, eos, pad = hf._token_ids(tokenizer)
-    hf_cfg = hf.config_to_hf(cfg, bos, eos)
-    hf_cfg["pad_token_id"] = pad
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = hf._DTYPE_NAMES[dtype]  # 4.4x / 5 spellings
-    hf_cfg["transformers_version"] = transformers.__version__
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
-    gen.update(pad_token_id=pad, transformers_version=transformers.__version__)
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return ["config.json", "generation_config.json"]
