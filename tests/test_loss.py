@@ -57,3 +57,38 @@ def test_never_allocates_full_logits() -> None:
     ) as prof:
         F.cross_entropy(h @ w.t(), labels, reduction="sum").backward()
     assert max(e.cpu_memory_usage for e in prof.events()) >= full
+
+
+def _matmuls(fn) -> int:  # type: ignore[no-untyped-def]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::mm")
+
+
+def test_three_head_matmuls_per_chunk_with_grad_one_without() -> None:
+    """Gradients come out of the forward: no logits are recomputed in the backward."""
+    n, vocab, dim, chunk = 40, 30, 8, 16  # 3 chunks
+    h = torch.randn(n, dim, requires_grad=True)
+    w = torch.randn(vocab, dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+
+    def train() -> None:
+        s, _ = chunked_cross_entropy(h, w, labels, chunk_size=chunk)
+        s.backward()
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            chunked_cross_entropy(h, w, labels, chunk_size=chunk)
+
+    mm_train, mm_eval = _matmuls(train), _matmuls(evaluate)
+    assert mm_eval == 3, mm_eval  # one logits matmul per chunk, no gradient work
+    assert mm_train == 9, mm_train  # logits, d hidden, d weight per chunk; backward adds none
+
+
+def test_second_backward_is_refused() -> None:
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    s, _ = chunked_cross_entropy(h, w, torch.randint(0, 5, (6,)), chunk_size=4)
+    s.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        s.backward()
