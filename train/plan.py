@@ -275,12 +275,13 @@ def backward_workspace_bytes(m: ModelConfig, a: int, sp: int = 1) -> float:
 
 
 def loss_bytes(m: ModelConfig, a: int, chunk: float, tokens: float) -> float:
-    """Peak extra bytes of the chunked loss's backward (``longtrain.model.loss``).
+    """Peak extra bytes of the chunked loss (``longtrain.model.loss``).
 
-    It holds the fp32 head-weight gradient accumulator (``4Vh``) and the gradient of the
-    hidden states (``a*h`` per token) throughout; on top, either one chunk's fp32 logits,
-    ``logits - lse`` and their exp (``12cV``), or one chunk's fp32 gradient (``4cV``) with the
-    fp32 ``(V, h)`` product being added to the accumulator.
+    The loss computes its gradients in its forward, so from then until the backward consumes
+    them it holds the fp32 head-weight gradient accumulator (``4Vh``) and the gradient of the
+    hidden states (``a*h`` per token); on top, either one chunk's fp32 logits with the
+    log-sum-exp's temporaries (bounded by ``12cV``), or one chunk's fp32 gradient (``4cV``)
+    with the fp32 ``(V, h)`` product being added to the accumulator.
     """
     v, h = m.vocab_size, m.dim
     return 4 * v * h + a * h * tokens + max(12 * chunk * v, 4 * chunk * v + 4 * v * h)
