@@ -587,22 +587,12 @@ def long_eval(engine: Any, job: Any, topo: Topology, device: torch.device) -> di
     accuracy over a few depths (``long_eval/passkey_8192``). Runs on the engine's sharded,
     Ulysses-wrapped model; every rank must call it (it is collective).
     """
-    from longtrain.data.loader import validation_batches
+    from longtrain.train.trainer import job_validation_batches
 
     model = engine.module
     engine.eval()
     try:
-        batches = validation_batches(
-            job.data.dir,
-            seq_len=job.data.seq_len,
-            micro_batch=job.train.micro_batch,
-            dp_rank=topo.dp_rank,
-            dp_size=topo.dp,
-            sp_rank=topo.sp_rank,
-            sp_size=topo.sp,
-            max_batches=job.data.val_batches or None,
-            attention=job.data.attention,
-        )
+        batches = job_validation_batches(job, topo)
         bucket = job.log.long_eval_bucket
         res = eval_ppl(model, batches, job.data.seq_len, bucket, device, topo, progress=False)
         row = {

@@ -122,15 +122,11 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
-    engine: Any, job: JobConfig, topo: Topology, device: torch.device
-) -> tuple[float, int]:
-    """Validation (mean token loss, tokens) over the held-out split, the same on every rank."""
+def job_validation_batches(job: JobConfig, topo: Topology) -> Any:
+    """This rank's validation batches for the job (its DP slice, its SP shard)."""
     from longtrain.data.loader import validation_batches
 
-    engine.eval()
-    local_sum, local_count = 0.0, 0
-    for batch in validation_batches(
+    return validation_batches(
         job.data.dir,
         seq_len=job.data.seq_len,
         micro_batch=job.train.micro_batch,
@@ -140,7 +136,16 @@ def evaluate(
         sp_size=topo.sp,
         max_batches=job.data.val_batches or None,
         attention=job.data.attention,
-    ):
+    )
+
+
+def evaluate(
+    engine: Any, job: JobConfig, topo: Topology, device: torch.device
+) -> tuple[float, int]:
+    """Validation (mean token loss, tokens) over the held-out split, the same on every rank."""
+    engine.eval()
+    local_sum, local_count = 0.0, 0
+    for batch in job_validation_batches(job, topo):
         local_sum += float(
             forward_loss(engine, to_device(batch, device), job.train.loss_chunk_size)
         )
