@@ -10,18 +10,24 @@ Run it through ``bench/gpu_check.sh`` on a machine with one CUDA GPU and PyTorch
 Stages, each reported even when an earlier one failed:
 
 1. ``matmul``: the best bf16 GEMM rate over a few square sizes (the "measured peak").
-2. ``cores``: every available attention core (flash, torch_varlen, sdpa) against ``reference``
-   on packed windows holding documents of uneven length (length-1 documents included), fresh
-   random inputs, forward and backward. Tolerance as flash-attn's own tests: the core's error
-   against the fp32 reference may be at most 2x (output) / 3x (gradients) the error of the
-   reference itself run in bf16, plus 1e-4.
-3. ``model``: forward + backward of the ``1b`` flavor (bf16 weights, no optimizer) at 8K and
-   32K tokens, one causal document per window so the FLOP count is the convention's, every
-   block activation-checkpointed, chunked loss; timed with CUDA events after warm-up.
-   Reports tokens/s, model TFLOP/s (``ModelConfig.flops_per_token(T, causal=True)``: causal
-   attention counted once, recompute not counted) and MFU against the measured bf16 GEMM peak
+2. ``cores``: every available attention core (flash3, flash, torch_varlen, sdpa) against
+   ``reference`` on packed windows holding documents of uneven length (length-1 documents
+   included), fresh random inputs, forward and backward. Tolerance as flash-attn's own tests:
+   the core's error against the fp32 reference may be at most 2x (output) / 3x (gradients) the
+   error of the reference itself run in bf16, plus 1e-4.
+3. ``head_grad``: the chunked loss in bf16 at the 1b head's shape (vocab 128256, dim 2048):
+   which fp32-output path its GEMMs take (``longtrain.model.loss.lowp_paths``), the dtypes
+   every GEMM actually ran with (recorded at the dispatcher: none may be fp32), value and
+   gradients against the same algorithm in fp32, and the time of both.
+4. ``model``: forward + backward of the ``1b`` flavor (bf16 weights, no optimizer) at 8K and
+   32K tokens, every block activation-checkpointed, chunked loss; timed with CUDA events after
+   warm-up. Windows of one causal document, and at 32K also a window of 4 documents, so the
+   two MFU conventions of ``longtrain.train.metrics`` part: ``mfu`` counts causal attention
+   within each document (sum L_i^2 / 2, what the kernels compute), ``mfu_window`` over the
+   whole window (T^2 / 2, ``ModelConfig.flops_per_token(T, causal=True)``); recompute is not
+   counted. Reports tokens/s, model TFLOP/s and both MFUs against the measured bf16 GEMM peak
    and the datasheet peak, plus peak memory next to the planner's prediction.
-4. ``pretrain``: when deepspeed and the trainer import, tokenizer + prepare on the embedded
+5. ``pretrain``: when deepspeed and the trainer import, tokenizer + prepare on the embedded
    corpus, then ``longtrain pretrain`` with ZeRO-2 for 20 steps; its metrics.jsonl summarised.
 
 A short table is printed last; everything goes to ``<out>/gpu_check.json``.
@@ -43,26 +49,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts unless named), TFLOP/s.
-DATASHEET_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.4,
-    "GH200": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "A10G": 70.0,
-}
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def datasheet_peak(device_name: str) -> float | None:
-    """Datasheet dense bf16 TFLOP/s for a CUDA device name, or None when unknown."""
-    for key, value in DATASHEET_BF16_TFLOPS.items():  # longer names first where it matters
-        if key in device_name:
-            return value
-    return None
+    """Datasheet dense bf16 TFLOP/s for a CUDA device name, or None when unknown (the one
+    table is ``longtrain.train.metrics.GPU_PEAKS``)."""
+    from longtrain.train.metrics import datasheet_peak_flops
+
+    flops = datasheet_peak_flops(device_name, torch.bfloat16)
+    return None if flops is None else flops / 1e12
 
 
 class Shapes:
@@ -79,7 +75,12 @@ class Shapes:
         self.matmul_sizes = [128, 256] if dry else [4096, 8192, 16384]
         self.core_shape = (2, 96, 4, 2, 16) if dry else (2, 4096, 16, 4, 128)  # B, T, Hq, Hkv, D
         self.flavor = "debug" if dry else "1b"
-        self.seq_lens = [128, 256] if dry else [8192, 32768]
+        # (window length, documents in it): one causal document, and a packed window.
+        self.model_cases = (
+            [(128, 1), (256, 1), (256, 4)] if dry else [(8192, 1), (32768, 1), (32768, 4)]
+        )
+        # The head GEMMs of the chunked loss: tokens, vocab, dim, chunk (bf16 on CPU too).
+        self.head_shape = (256, 512, 64, 64) if dry else (8192, 128256, 2048, 2048)
         self.warmup = 1 if dry else 2
         self.iters = 2 if dry else 4
         self.loss_chunk = 64 if dry else 2048
@@ -188,7 +189,7 @@ def stage_cores(sh: Shapes) -> dict[str, Any]:
     from longtrain.model.attention import available_cores, core_unavailable_reason
 
     out: dict[str, Any] = {"results": [], "skipped": {}}
-    for name in ("flash", "torch_varlen", "sdpa"):
+    for name in ("flash3", "flash", "torch_varlen", "sdpa"):
         reason = core_unavailable_reason(name)
         if reason is not None:
             out["skipped"][name] = reason
@@ -203,6 +204,85 @@ def stage_cores(sh: Shapes) -> dict[str, Any]:
     out["available"] = available_cores()
     out["ok"] = all(r["ok"] for r in out["results"]) and bool(out["results"])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head's GEMMs in the chunked loss
+
+_GEMMS = {"mm", "addmm", "addmm_", "baddbmm", "baddbmm_", "bmm"}
+
+
+class GemmDtypes(TorchDispatchMode):
+    """The input dtypes of every matmul-family op that reaches the dispatcher, and the dtype of
+    whatever the head-weight gradient, shape ``acc_shape``, is accumulated into."""
+
+    def __init__(self, acc_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.acc_shape = acc_shape
+        self.seen: list[str] = []
+        self.acc: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _GEMMS:
+            dts = ",".join(str(a.dtype).replace("torch.", "") for a in args if torch.is_tensor(a))
+            self.seen.append(f"{name}({dts})")
+            out = kwargs.get("out")
+            if out is not None and tuple(out.shape[-2:]) == self.acc_shape:  # in-place GEMM
+                self.acc.add(str(out.dtype).replace("torch.", ""))
+        elif name == "add_" and tuple(args[0].shape) == self.acc_shape:  # GEMM result added in
+            self.acc.add(str(args[0].dtype).replace("torch.", ""))
+        return func(*args, **kwargs)
+
+
+def stage_head_grad(sh: Shapes) -> dict[str, Any]:
+    """The chunked loss in bf16: GEMM paths and dtypes, error against fp32, time of both."""
+    from longtrain.model.loss import chunked_cross_entropy, lowp_paths
+
+    n, vocab, dim, chunk = sh.head_shape
+    gen = torch.Generator().manual_seed(0)
+    h0 = torch.randn(n, dim, generator=gen).to(sh.device, torch.bfloat16)
+    w0 = (torch.randn(vocab, dim, generator=gen) * dim**-0.5).to(sh.device, torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(sh.device)
+    labels[::9] = -100
+
+    def run(dtype: torch.dtype) -> list[torch.Tensor]:
+        h = h0.to(dtype).clone().requires_grad_(True)  # the same bf16-representable numbers
+        w = w0.to(dtype).clone().requires_grad_(True)
+        s, _ = chunked_cross_entropy(h, w, labels, chunk_size=chunk)
+        s.backward()
+        return [s.detach(), h.grad, w.grad]
+
+    paths = lowp_paths(sh.device, torch.bfloat16)  # probed before anything is recorded
+    rec = GemmDtypes((vocab, dim))
+    with rec:
+        got = run(torch.bfloat16)
+    ref = run(torch.float32)
+    errs = {
+        name: max_abs(g, r) / max(r.double().abs().max().item(), 1e-30)
+        for name, g, r in zip(("loss", "d_hidden", "d_head"), got, ref)
+    }
+    fp32_gemms = [g for g in rec.seen if "float32" in g.split("(")[1]]
+    res: dict[str, Any] = {
+        "shape": {"tokens": n, "vocab": vocab, "dim": dim, "chunk": chunk},
+        "paths": paths,
+        "head_grad_accumulator": ",".join(sorted(rec.acc)) or "?",
+        "gemms": sorted(set(rec.seen)),
+        "fp32_gemms": len(fp32_gemms),
+        "rel_err": errs,
+        "bf16_s": time_it(lambda: run(torch.bfloat16), sh.device, 1, sh.iters),
+        "fp32_s": time_it(lambda: run(torch.float32), sh.device, 1, sh.iters),
+    }
+    res["ok"] = (
+        not fp32_gemms
+        and rec.acc == {"float32"}
+        and len(rec.seen) == 3 * math.ceil(n / chunk)
+        and errs["loss"] < 1e-3
+        and errs["d_hidden"] < 2e-2
+        and errs["d_head"] < 2e-2
+    )
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,14 +307,15 @@ def planner_prediction(cfg: Any, seq_len: int, chunk: int, precision: str, core:
 
 
 def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
-    """fwd+bwd of the flavor at each seq_len: tokens/s, TFLOP/s, MFU, peak memory."""
+    """fwd+bwd of the flavor at each (seq_len, documents): tokens/s, TFLOP/s, both MFUs, memory."""
     from longtrain.model.config import get_flavor
     from longtrain.model.transformer import Transformer
+    from longtrain.train.metrics import flops_per_window
     from longtrain.train.parallel import apply_activation_checkpointing
 
     device_name = torch.cuda.get_device_name() if sh.device.type == "cuda" else platform.processor()
     sheet = datasheet_peak(device_name) if sh.device.type == "cuda" else None
-    cfg = get_flavor(sh.flavor, max_seq_len=max(sh.seq_lens))
+    cfg = get_flavor(sh.flavor, max_seq_len=max(T for T, _ in sh.model_cases))
     with torch.device("meta"):
         model = Transformer(cfg, attention="auto")
     model.to_empty(device=sh.device)
@@ -242,14 +323,19 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
     model.to(sh.dtype)
     apply_activation_checkpointing(model, "full")  # the trainer's own wrapping
     rows = []
-    for T in sh.seq_lens:
+    for T, n_docs in sh.model_cases:
         gen = torch.Generator().manual_seed(T)
         ids = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=gen).to(sh.device)
-        cu = torch.tensor([0, T], dtype=torch.int32, device=sh.device)  # one causal document
+        lengths = [T // n_docs] * (n_docs - 1)
+        lengths.append(T - sum(lengths))
+        offs = [0]
+        for n in lengths:
+            offs.append(offs[-1] + n)
+        cu = torch.tensor(offs, dtype=torch.int32, device=sh.device)
 
-        def step(ids: torch.Tensor = ids, cu: torch.Tensor = cu, T: int = T) -> None:
+        def step(ids: torch.Tensor = ids, cu: torch.Tensor = cu, m: int = max(lengths)) -> None:
             loss_sum, count = model.loss(
-                ids[:, :-1], ids[:, 1:], cu_seqlens=cu, max_seqlen=T, chunk_size=sh.loss_chunk
+                ids[:, :-1], ids[:, 1:], cu_seqlens=cu, max_seqlen=m, chunk_size=sh.loss_chunk
             )
             (loss_sum / count).backward()
             for p in model.parameters():
@@ -259,15 +345,23 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         sec = time_it(step, sh.device, sh.warmup, sh.iters)
-        fpt = cfg.flops_per_token(T, causal=True)
-        tflops = fpt * T / sec / 1e12
+        tflops_doc = flops_per_window(cfg, lengths) / sec / 1e12
+        tflops_window = T * cfg.flops_per_token(T, causal=True) / sec / 1e12
+
+        def ratio(x: float, peak: float | None) -> float | None:
+            return x / peak if peak else None
+
         row: dict[str, Any] = {
             "seq_len": T,
+            "docs": n_docs,
             "step_s": sec,
             "tokens_per_s": T / sec,
-            "model_tflops": tflops,
-            "mfu_vs_measured": tflops / matmul_peak if matmul_peak else None,
-            "mfu_vs_datasheet": tflops / sheet if sheet else None,
+            "model_tflops": tflops_doc,
+            "model_tflops_window": tflops_window,
+            "mfu_vs_measured": ratio(tflops_doc, matmul_peak),
+            "mfu_window_vs_measured": ratio(tflops_window, matmul_peak),
+            "mfu_vs_datasheet": ratio(tflops_doc, sheet),
+            "mfu_window_vs_datasheet": ratio(tflops_window, sheet),
             "planner_gb": planner_prediction(
                 cfg, T, sh.loss_chunk, "bf16" if sh.dtype == torch.bfloat16 else "fp32",
                 model.attention_core,
@@ -283,6 +377,10 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
         "core": model.attention_core,
         "device": device_name,
         "datasheet_tflops": sheet,
+        "mfu_conventions": {
+            "mfu": "causal within each document: sum L_i^2 / 2 (what the kernels compute)",
+            "mfu_window": "causal over the whole window: T^2 / 2 (flops_per_token)",
+        },
         "rows": rows,
     }
 
@@ -328,7 +426,10 @@ def summarize_metrics(path: Path) -> dict[str, Any]:
         "loss_last": train[-1]["loss"],
         "tokens_per_s": mean("tokens_per_s"),
         "mfu": mean("mfu"),
+        "mfu_window": mean("mfu_window"),
+        "mfu_convention": train[-1].get("mfu_convention"),
         "peak_mem_gb": max((r.get("peak_mem_gb") or 0.0) for r in train),
+        "peak_reserved_gb": max((r.get("peak_reserved_gb") or 0.0) for r in train) or None,
     }
 
 
@@ -421,16 +522,32 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"  core {name:<13} skip  {why}")
     if "error" in cores:
         lines.append(f"  cores: ERROR {cores['error']}")
+    hg = report.get("head_grad", {})
+    if "paths" in hg:
+        e = hg["rel_err"]
+        lines.append(
+            f"  head GEMMs bf16 {'ok  ' if hg['ok'] else 'FAIL'}  accumulate={hg['paths']['accumulate']}"
+            f" logits={hg['paths']['logits']} fp32 GEMMs={hg['fp32_gemms']} (grad accumulator "
+            f"{hg['head_grad_accumulator']}); rel err loss {e['loss']:.1e} dh {e['d_hidden']:.1e} "
+            f"dW {e['d_head']:.1e}; {hg['bf16_s'] * 1e3:.1f} ms vs fp32 {hg['fp32_s'] * 1e3:.1f} ms"
+        )
+    elif "error" in hg:
+        lines.append(f"  head_grad: ERROR {hg['error']}")
     model = report.get("model", {})
     if "rows" in model:
         lines.append(
-            f"  {model['flavor']} fwd+bwd ({model['core']}, full AC, chunked loss):"
-            f" {'seq':>6} {'tok/s':>9} {'TFLOP/s':>8} {'MFU meas':>8} {'MFU sheet':>9} {'mem GB':>7} {'plan GB':>7}"
+            f"  {model['flavor']} fwd+bwd ({model['core']}, full AC, chunked loss); MFU = per-document"
+            " causal, window = whole-window causal:"
+        )
+        lines.append(
+            f"  {'seq':>6} {'docs':>4} {'tok/s':>9} {'TFLOP/s':>8} {'MFU meas':>8} {'window':>7}"
+            f" {'MFU sheet':>9} {'window':>7} {'mem GB':>7} {'plan GB':>7}"
         )
         for r in model["rows"]:
             lines.append(
-                f"  {'':<47} {r['seq_len']:>6} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} "
-                f"{_fmt(r['mfu_vs_measured'], '.1%'):>8} {_fmt(r['mfu_vs_datasheet'], '.1%'):>9} "
+                f"  {r['seq_len']:>6} {r['docs']:>4} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} "
+                f"{_fmt(r['mfu_vs_measured'], '.1%'):>8} {_fmt(r['mfu_window_vs_measured'], '.1%'):>7} "
+                f"{_fmt(r['mfu_vs_datasheet'], '.1%'):>9} {_fmt(r['mfu_window_vs_datasheet'], '.1%'):>7} "
                 f"{_fmt(r.get('max_allocated_gb'), '.1f'):>7} {r['planner_gb']:>7.1f}"
             )
     elif "error" in model:
@@ -444,7 +561,8 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(
             f"  pretrain ZeRO-{pt['zero_stage']} {pt['steps']} steps: loss {pt['loss_first']:.3f} -> "
             f"{pt['loss_last']:.3f}, {_fmt(pt['tokens_per_s'], '.0f')} tok/s, MFU "
-            f"{_fmt(pt['mfu'], '.1%')}, peak {_fmt(pt['peak_mem_gb'])} GB"
+            f"{_fmt(pt['mfu'], '.1%')} (window {_fmt(pt.get('mfu_window'), '.1%')}), peak "
+            f"{_fmt(pt['peak_mem_gb'])} GB (reserved {_fmt(pt.get('peak_reserved_gb'))})"
         )
     lines.append(f"  total {report['seconds']:.0f} s; JSON: {report['json']}")
     return "\n".join(lines)
@@ -484,8 +602,15 @@ def main(argv: list[str] | None = None) -> int:
         report["flash_attn"] = flash_attn.__version__
     except Exception as e:
         report["flash_attn"] = f"not importable ({type(e).__name__})"
+    try:
+        from longtrain.train.metrics import tf32_enabled
+
+        report["tf32"] = tf32_enabled()  # the policy this process runs under (fp32 GEMMs only)
+    except Exception as e:
+        report["tf32"] = f"unknown ({type(e).__name__})"
     _run_stage("matmul", lambda: stage_matmul(sh), report)
     _run_stage("cores", lambda: stage_cores(sh), report)
+    _run_stage("head_grad", lambda: stage_head_grad(sh), report)
     peak = report["matmul"].get("peak_tflops")
     _run_stage("model", lambda: stage_model(sh, peak), report)
     if args.skip_pretrain:
@@ -497,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     # A pretrain stage that ran and failed fails the check; a skipped one (no deepspeed) does not.
     report["ok"] = (
         bool(report["cores"].get("ok"))
+        and bool(report["head_grad"].get("ok"))
         and "rows" in report["model"]
         and "error" not in report["pretrain"]
     )

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check (see bench/gpu_check.py): kernels vs reference, 1b throughput and MFU,
-# a 20-step ZeRO-2 pretrain. Needs one CUDA GPU and PyTorch; nothing is downloaded.
+# The prepared GPU check (see bench/gpu_check.py): attention kernels (flash3, flash,
+# torch_varlen, sdpa) vs reference, the LM-head GEMMs' dtypes in the chunked loss, 1b
+# throughput with MFU under both conventions (per-document and whole-window causal), a 20-step
+# ZeRO-2 pretrain. Needs one CUDA GPU and PyTorch; nothing is downloaded.
 #
 #   bash bench/gpu_check.sh [--skip-pretrain] [--out DIR] [--cpu-dry-run]
 #

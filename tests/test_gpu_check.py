@@ -30,9 +30,20 @@ def test_dry_run_through_the_shell_script(tmp_path: Path) -> None:
     assert report["matmul"]["peak_tflops"] > 0
     sdpa = [c for c in report["cores"]["results"] if c["core"] == "sdpa"]
     assert sdpa and sdpa[0]["ok"] and sdpa[0]["docs"] > 2
+    assert "flash3" in report["cores"]["skipped"] or any(
+        c["core"] == "flash3" for c in report["cores"]["results"]
+    )
+    # The head GEMMs ran in bf16 with an fp32 gradient accumulator, matching fp32.
+    hg = report["head_grad"]
+    assert hg["ok"] and hg["fp32_gemms"] == 0 and hg["head_grad_accumulator"] == "float32"
+    assert hg["gemms"] == ["mm(bfloat16,bfloat16)"]  # CPU: no out_dtype kernels in torch 2.13
     rows = report["model"]["rows"]
-    assert [row["seq_len"] for row in rows] == [128, 256]
+    assert [(row["seq_len"], row["docs"]) for row in rows] == [(128, 1), (256, 1), (256, 4)]
     assert all(row["tokens_per_s"] > 0 and row["planner_gb"] > 0 for row in rows)
+    # Both MFU conventions: equal for one document, the whole-window one larger when packed.
+    for row in rows[:2]:
+        assert row["mfu_vs_measured"] == pytest.approx(row["mfu_window_vs_measured"])
+    assert rows[2]["mfu_window_vs_measured"] > rows[2]["mfu_vs_measured"] > 0
     assert r.stdout.strip().splitlines()[-1].startswith("  total")  # the table comes last
 
 
@@ -79,12 +90,16 @@ def test_summarize_metrics(tmp_path: Path) -> None:
     assert (s["steps"], s["loss_first"], s["loss_last"]) == (3, 9.0, 7.0)
     assert s["tokens_per_s"] == pytest.approx(300.0)  # the first (warm-up) step left out
     assert s["mfu"] == pytest.approx(0.45) and s["peak_mem_gb"] == 5.0
+    assert s["mfu_window"] is None and s["peak_reserved_gb"] is None  # rows without them
 
 
 def test_datasheet_peaks() -> None:
+    # The one table is longtrain.train.metrics.GPU_PEAKS (tests/test_metrics.py covers it all).
     assert gpu_check.datasheet_peak("NVIDIA H200") == pytest.approx(989.4)
+    assert gpu_check.datasheet_peak("NVIDIA H200 NVL") == pytest.approx(835.5)
     assert gpu_check.datasheet_peak("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
-    assert gpu_check.datasheet_peak("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert gpu_check.datasheet_peak("NVIDIA H100 PCIe") == pytest.approx(756.5)
+    assert gpu_check.datasheet_peak("NVIDIA H100 NVL") == pytest.approx(835.5)
     assert gpu_check.datasheet_peak("NVIDIA A100-SXM4-80GB") == pytest.approx(312.0)
     assert gpu_check.datasheet_peak("Some Other GPU") is None
 
@@ -99,3 +114,14 @@ def test_pretrain_job_is_a_valid_job_config(tmp_path: Path) -> None:
     job = load_job(path)  # unknown keys or bad values raise
     assert (job.model.flavor, job.parallel.zero_stage, job.train.steps) == ("1b", 2, 20)
     assert job.data.seq_len == 8192 and job.parallel.activation_checkpointing == "full"
+
+
+def test_head_grad_check_catches_an_fp32_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import longtrain.model.loss as loss
+
+    sh = gpu_check.Shapes(dry=True)
+    assert gpu_check.stage_head_grad(sh)["ok"]
+    # The old behaviour: bf16 weights, yet the head-weight gradient as an fp32 GEMM.
+    monkeypatch.setattr(loss, "_LOWP", ())
+    res = gpu_check.stage_head_grad(sh)
+    assert not res["ok"] and res["fp32_gemms"] == 4  # one per chunk of 64 of the 256 tokens
