@@ -17,8 +17,9 @@ setup(
     version="0.1.0",
     description="Distributed long-context pretraining: Llama-shaped model, ZeRO + Ulysses SP",
     python_requires=">=3.10",
-    packages=[f"longtrain.{room}" for room in ROOMS],
-    package_dir={f"longtrain.{room}": room for room in ROOMS},
+    packages=[f"longtrain.{room}" for room in ROOMS] + ["longtrain.train.eval"],
+    package_dir={f"longtrain.{room}": room for room in ROOMS}
+    | {"longtrain.train.eval": "train/eval"},
     package_data={"longtrain.launch": ["configs/*.yaml", "slurm/*.sbatch", "hostfile.example"]},
     install_requires=[
         "torch>=2.4",

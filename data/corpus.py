@@ -17,6 +17,11 @@ what gives stable per-file ids (``path`` or ``path:line``), errors naming the fi
 data_files=...)`` / ``load_from_disk``), with ``--streaming`` for corpora larger than memory;
 their ids are ``<name>#<row>``. File ids are relative to the glob's fixed prefix (or the
 file's directory), so the split does not depend on how the path was spelled.
+
+``--group-by directory`` (stdlib and ``.txt`` files, one document per file) makes
+repository-level documents: the files of one directory (not its subdirectories) become one
+document, in path order, each preceded by :func:`file_header` of its relative path; the
+document is exactly :func:`group_text` of its files and its id is the directory plus ``/``.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import io
 import itertools
 import json
 import os
+import posixpath
 import sysconfig
 import tokenize
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,20 @@ from typing import Any
 from longtrain.model.errors import LongtrainError
 
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+GROUP_BY = ("file", "directory")
+FILE_HEADER = "=== {path} ===\n"
+"""The line that opens every file inside a ``--group-by directory`` document."""
+
+
+def file_header(path: str) -> str:
+    """Header line of the file at ``path`` (relative, posix) inside a directory document."""
+    return FILE_HEADER.format(path=path)
+
+
+def group_text(files: Iterable[tuple[str, str]]) -> str:
+    """One directory document: every ``(relative path, text)`` as its header then its text,
+    concatenated with nothing added, so that decoding gives back exactly this string."""
+    return "".join(file_header(path) + text for path, text in files)
 
 
 @dataclass
@@ -67,10 +87,19 @@ class CorpusSpec:
     """Non-UTF-8 bytes: ``strict`` stops naming the file, ``replace`` substitutes U+FFFD."""
     skip_bad: bool = False
     """Skip malformed records (counted) instead of stopping at the first."""
+    group_by: str = "file"
+    """``file``: a document per file or record; ``directory``: one per directory of files."""
 
     def __post_init__(self) -> None:
         if self.errors not in ("strict", "replace"):
             raise LongtrainError(f"--errors {self.errors}: choose strict or replace")
+        if self.group_by not in GROUP_BY:
+            raise LongtrainError(f"--group-by {self.group_by}: choose one of {', '.join(GROUP_BY)}")
+        if self.group_by == "directory" and self.txt_per_line:
+            raise LongtrainError(
+                "--group-by directory with --txt-per-line: a directory document is made of "
+                "whole files; drop one of the two"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CorpusSpec:
@@ -82,6 +111,7 @@ class CorpusSpec:
             streaming=getattr(args, "streaming", False),
             errors=getattr(args, "errors", "strict"),
             skip_bad=getattr(args, "skip_bad", False),
+            group_by=getattr(args, "group_by", None) or "file",
         )
 
     def describe(self) -> dict[str, Any]:
@@ -90,6 +120,10 @@ class CorpusSpec:
         if self.source == "stdlib":
             d["stdlib_path"] = stdlib_root()
         d.update(text_field=self.text_field, txt_per_line=self.txt_per_line, errors=self.errors)
+        # Only when not the default: data prepared before the option existed keeps its
+        # fingerprint, so re-running its prepare still resumes or is a no-op.
+        if self.group_by != "file":
+            d["group_by"] = self.group_by
         return d
 
 
@@ -107,22 +141,46 @@ def stdlib_files() -> list[Path]:
     )
 
 
+def _stdlib_text(path: Path, rel: str, spec: CorpusSpec, stats: CorpusStats) -> str | None:
+    """A stdlib file decoded as Python decodes it; None (counted) for the undecodable ones."""
+    data = path.read_bytes()
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        text = data.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError):
+        # Deliberately broken test fixtures (e.g. test/tokenizedata/badsyntax_pep3120.py).
+        if spec.errors == "strict":
+            stats.undecodable.append(rel)
+            return None
+        text = data.decode("utf-8", errors="replace")
+    # A UTF-8 BOM is an encoding mark, not text (Python drops it when importing too).
+    return text.removeprefix("\ufeff")
+
+
+def _by_directory(rels: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """``(directory, its files in path order)`` for relative posix paths, directories sorted.
+
+    Collected first because a sorted file list interleaves a directory's files with its
+    subdirectories' (``a/b/x`` sorts between ``a/a`` and ``a/c``).
+    """
+    groups: dict[str, list[str]] = {}
+    for rel in rels:
+        groups.setdefault(posixpath.dirname(rel) or ".", []).append(rel)
+    return [(d, sorted(groups[d])) for d in sorted(groups)]
+
+
 def _iter_stdlib(spec: CorpusSpec, stats: CorpusStats) -> Iterator[tuple[str, dict]]:
     root = Path(stdlib_root())
-    for path in stdlib_files():
-        rel = path.relative_to(root).as_posix()
-        data = path.read_bytes()
-        try:
-            encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-            text = data.decode(encoding)
-        except (SyntaxError, UnicodeDecodeError, LookupError):
-            # Deliberately broken test fixtures (e.g. test/tokenizedata/badsyntax_pep3120.py).
-            if spec.errors == "strict":
-                stats.undecodable.append(rel)
-                continue
-            text = data.decode("utf-8", errors="replace")
-        # A UTF-8 BOM is an encoding mark, not text (Python drops it when importing too).
-        yield rel, {"text": text.removeprefix("\ufeff")}
+    files = {path.relative_to(root).as_posix(): path for path in stdlib_files()}
+    if spec.group_by == "file":
+        for rel, path in files.items():
+            text = _stdlib_text(path, rel, spec, stats)
+            if text is not None:
+                yield rel, {"text": text}
+        return
+    for directory, rels in _by_directory(files):
+        texts = ((rel, _stdlib_text(files[rel], rel, spec, stats)) for rel in rels)
+        yield f"{directory}/", {"text": group_text((r, t) for r, t in texts if t is not None)}
 
 
 def _decode(data: bytes, where: str, errors: str) -> str:
@@ -152,6 +210,15 @@ def _rel(f: str, base: str) -> str:
 
 def _iter_txt(files: list[str], spec: CorpusSpec) -> Iterator[tuple[str, dict]]:
     base = id_base(spec.source)
+    if spec.group_by == "directory":
+        by_rel = {_rel(f, base): f for f in files}
+        for directory, rels in _by_directory(by_rel):
+            texts = (
+                (rel, _decode(Path(by_rel[rel]).read_bytes(), by_rel[rel], spec.errors))
+                for rel in rels
+            )
+            yield f"{directory}/", {"text": group_text(texts)}
+        return
     for f in files:
         if not spec.txt_per_line:
             yield _rel(f, base), {"text": _decode(Path(f).read_bytes(), f, spec.errors)}
@@ -234,6 +301,14 @@ def resolve_files(source: str) -> list[str]:
     return files
 
 
+def _check_grouping(spec: CorpusSpec, what: str) -> None:
+    if spec.group_by == "directory":
+        raise LongtrainError(
+            f"--group-by directory: --corpus {spec.source} holds {what}; directory documents "
+            "need one document per file: pass 'stdlib' or .txt files, or drop --group-by"
+        )
+
+
 def iter_rows(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterator[tuple[str, dict]]:
     """Yield ``(doc_id, record)`` for every record of the source, in a deterministic order."""
     stats = stats if stats is not None else CorpusStats()
@@ -242,6 +317,7 @@ def iter_rows(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterator[tu
         yield from _iter_stdlib(spec, stats)
         return
     if os.path.isdir(src):
+        _check_grouping(spec, "a datasets.save_to_disk directory")
         if not (
             os.path.exists(os.path.join(src, "state.json"))
             or os.path.exists(os.path.join(src, "dataset_dict.json"))
@@ -254,6 +330,8 @@ def iter_rows(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterator[tu
         return
     files = resolve_files(src)
     fmt = FORMATS[Path(files[0]).suffix.lower()]
+    if fmt != "text":
+        _check_grouping(spec, f"{fmt} records")
     if fmt == "text":
         yield from _iter_txt(files, spec)
     elif fmt == "jsonl":

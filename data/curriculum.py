@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from longtrain.data.loader import _check_parallel, _to_batch, open_split
+from longtrain.data.loader import check_parallel, open_split, to_batch
 from longtrain.data.packing import num_windows, pack_from_stream
 from longtrain.model.errors import LongtrainError
 
@@ -43,7 +43,7 @@ class StagedLoader:
         attention: str = "document",
         tokenizer_hash: str | None = None,
     ) -> None:
-        _check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
         if longest % seq_len:
             raise LongtrainError(f"seq_len={seq_len} does not divide the longest stage {longest}")
         self.longest, self.seq_len, self.micro_batch = longest, seq_len, micro_batch
@@ -86,7 +86,7 @@ class StagedLoader:
         ids = self.window_ids(start, self.micro_batch)
         self.cursor += self.micro_batch * self.dp_size * self.seq_len
         packed = pack_from_stream(self.stream, ids, self.seq_len, self.attention)
-        return _to_batch(packed, ids, self.sp_rank, self.sp_size)
+        return to_batch(packed, ids, self.sp_rank, self.sp_size)
 
     def state_dict(self) -> dict[str, Any]:
         """The global token cursor plus what must match on resume."""
@@ -100,7 +100,20 @@ class StagedLoader:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Continue at the saved cursor, rounded up to this stage's window length."""
+        """Continue at the saved cursor, rounded up to this stage's window length.
+
+        Also reads the state of a :class:`~longtrain.data.loader.DistributedLoader` (windows of
+        one length, counted as samples): with ``longest == seq_len`` both visit windows in the
+        same order, so a pretraining checkpoint made with it resumes here exactly.
+        """
+        if "cursor" not in sd and "consumed_samples" in sd:
+            if int(sd.get("seq_len", self.seq_len)) != self.longest:
+                raise LongtrainError(
+                    f"loader state: windows of {sd.get('seq_len')} tokens in the checkpoint but "
+                    f"{self.longest} now; resume with the same data.seq_len"
+                )
+            sd = {**sd, "cursor": int(sd["consumed_samples"]) * self.longest,
+                  "num_blocks": sd.get("num_windows", self.num_blocks)}  # fmt: skip
         for key in ("longest", "seed", "num_blocks", "tokenizer_hash"):
             if key in sd and sd[key] != self.state_dict()[key]:
                 raise LongtrainError(

@@ -12,10 +12,15 @@ All ranks of a sequence-parallel group read the same windows; SP rank ``s`` of `
 tokens ``[s*L/P, (s+1)*L/P)`` of the inputs, of the *already shifted* labels and of the
 position ids, while ``cu_seqlens`` / ``max_seqlen`` describe the full window (the attention
 core sees the whole sequence after the Ulysses all-to-all).
+
+Integrity: :func:`open_split` checks each file's header and size against the manifest;
+:func:`verify_data_dir` (called once at start-up) adds sha256 and token-range checks, with a
+cached verdict, so a damaged shard is named instead of training silently or crashing later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from longtrain.data.packing import (
     ATTENTION_MODES,
@@ -31,26 +37,109 @@ from longtrain.data.packing import (
     num_windows,
     pack_from_stream,
 )
+from longtrain.data.prepare import VERIFIED, write_json_atomic
 from longtrain.model.errors import LongtrainError
 
 MANIFEST = "manifest.json"
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """``<data_dir>/manifest.json``, or one clear error."""
+    """``<data_dir>/manifest.json``, or one clear error naming the directory and the fix.
+
+    The one reader of manifests: the trainer, the loaders and eval all come through here.
+    """
     path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise LongtrainError(
+            f"data.dir {data_dir}: no such directory; create it with "
+            f"`longtrain prepare --out {data_dir}`"
+        )
     if not path.is_file():
-        raise LongtrainError(f"{path}: not found; run `longtrain prepare --out {data_dir}` first")
+        raise LongtrainError(
+            f"data.dir {data_dir}: no {MANIFEST} (not a prepared data directory); "
+            f"run `longtrain prepare --out {data_dir}` first"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise LongtrainError(f"{path}: invalid JSON ({e}); run `longtrain prepare` again") from None
+        raise LongtrainError(
+            f"{path}: line {e.lineno}: not valid JSON ({e.msg}); run `longtrain prepare` again"
+        ) from None
+
+
+def _rerun(d: Path) -> str:
+    return (
+        f"re-run `longtrain prepare --out {d}` with the options it was made with (it "
+        "re-verifies every shard and redoes the damaged ones)"
+    )
+
+
+def _npy_layout(path: Path, rerun: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from a ``.npy`` header, reading nothing else."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            return tuple(shape), dtype, f.tell()
+    except FileNotFoundError:
+        raise LongtrainError(f"{path}: missing shard; {rerun}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise LongtrainError(f"{path}: not a readable .npy file ({e}); {rerun}") from None
+
+
+def _check_npy(path: Path, dtype: np.dtype, length: int | None, rerun: str) -> int:
+    """Header and file size agree with the manifest (before any memory map: numpy's own
+    error for a short file is "mmap length is greater than file size"); the data offset."""
+    shape, got, offset = _npy_layout(path, rerun)
+    if got != dtype or len(shape) != 1 or (length is not None and shape[0] != length):
+        dims = ",".join(map(str, shape))
+        raise LongtrainError(
+            f"{path}: {got}[{dims}] but the manifest says {dtype}[{length}]; {rerun}"
+        )
+    need, size = offset + shape[0] * dtype.itemsize, path.stat().st_size
+    if size < need:
+        raise LongtrainError(
+            f"{path}: truncated ({size} bytes; its header and the manifest need {need}); {rerun}"
+        )
+    if size > need:
+        raise LongtrainError(f"{path}: {size - need} bytes past the end of its data; {rerun}")
+    return offset
+
+
+def _shard_files(d: Path, sh: dict[str, Any], dtype: np.dtype) -> list[tuple[Path, np.dtype, int | None, str]]:  # fmt: skip
+    """``(path, dtype, length, kind)`` of each file of one shard, as the manifest describes it."""
+    n = int(sh["stored_tokens"])
+    docs = sh.get("documents")
+    files = [
+        (d / sh["tokens"], dtype, n, "tokens"),
+        (d / sh["index"], np.dtype(np.int64), None if docs is None else int(docs) + 1, "index"),
+    ]
+    if sh.get("mask"):
+        files.append((d / sh["mask"], np.dtype(np.uint8), n, "mask"))
+    return files
+
+
+def _load_index(path: Path, stored_tokens: int, rerun: str) -> np.ndarray:
+    off = np.load(path)
+    if len(off) == 0 or off[0] != 0 or off[-1] != stored_tokens or (np.diff(off) < 0).any():
+        raise LongtrainError(
+            f"{path}: document offsets do not run from 0 up to the shard's {stored_tokens} "
+            f"tokens; {rerun}"
+        )
+    return off
 
 
 def open_split(
     data_dir: str | Path, split: str, tokenizer_hash: str | None = None
 ) -> tuple[TokenStream, dict[str, Any]]:
-    """Memory-map the shards of ``split``; checks the tokenizer hash when one is given."""
+    """Memory-map the shards of ``split``; checks the tokenizer hash when one is given.
+
+    Every file's presence, dtype, length and size is checked against the manifest first
+    (cheap: headers and ``stat``); :func:`verify_data_dir` adds hashes and token ranges.
+    """
     d = Path(data_dir)
     manifest = load_manifest(d)
     if tokenizer_hash is not None and tokenizer_hash != manifest["tokenizer_hash"]:
@@ -66,26 +155,120 @@ def open_split(
         raise LongtrainError(
             f"{d}: split {split!r} is empty; prepare with a larger --val-fraction or more data"
         )
-    dtype = np.dtype(manifest["dtype"])
+    dtype, rerun = np.dtype(manifest["dtype"]), _rerun(d)
     tokens, offsets, masks = [], [], []
     for sh in shards:
-        path = d / sh["tokens"]
-        if not path.is_file():
-            raise LongtrainError(f"{path}: missing shard; re-run `longtrain prepare` (it resumes)")
-        arr = np.load(path, mmap_mode="r")
-        if arr.dtype != dtype or len(arr) != sh["stored_tokens"]:
-            raise LongtrainError(
-                f"{path}: {arr.dtype}[{len(arr)}] but the manifest says "
-                f"{dtype}[{sh['stored_tokens']}]; re-run `longtrain prepare` (it re-verifies)"
-            )
-        tokens.append(arr)
-        offsets.append(np.load(d / sh["index"]))
-        if sh.get("mask"):
-            masks.append(np.load(d / sh["mask"], mmap_mode="r"))
+        for path, want, length, kind in _shard_files(d, sh, dtype):
+            _check_npy(path, want, length, rerun)
+            if kind == "tokens":
+                tokens.append(np.load(path, mmap_mode="r"))
+            elif kind == "index":
+                offsets.append(_load_index(path, int(sh["stored_tokens"]), rerun))
+            else:
+                masks.append(np.load(path, mmap_mode="r"))
     return TokenStream.from_arrays(tokens, offsets, masks or None), manifest
 
 
-def _check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int, attention: str) -> None:  # fmt: skip
+# Verdicts of this process, for directories where .verified.json cannot be written.
+_VERDICTS: dict[str, dict[str, Any]] = {}
+_SCAN_BLOCK = 1 << 24  # bytes read (and hashed, and range-checked) at a time
+
+
+def _scan(path: Path, offset: int, dtype: np.dtype, limit: int | None, bar: tqdm) -> tuple[str, tuple[int, int] | None]:  # fmt: skip
+    """sha256 of the file and, with ``limit``, the first ``(position, value) >= limit``.
+
+    One pass over the bytes for both, so a data directory is read once, not twice.
+    """
+    h, bad, pos = hashlib.sha256(), None, 0
+    block = max(1, _SCAN_BLOCK // dtype.itemsize) * dtype.itemsize  # whole items per block
+    with open(path, "rb") as f:
+        h.update(f.read(offset))
+        while data := f.read(block):
+            h.update(data)
+            if limit is not None and bad is None:
+                a = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
+                over = np.flatnonzero(a >= limit)
+                if len(over):
+                    bad = (pos + int(over[0]), int(a[over[0]]))
+                pos += len(a)
+            bar.update(len(data))
+    return h.hexdigest(), bad
+
+
+def _cached_verdicts(d: Path) -> dict[str, Any]:
+    try:
+        files = json.loads((d / VERIFIED).read_text()).get("files")
+        if isinstance(files, dict):
+            return files
+    except (OSError, ValueError, AttributeError):
+        pass
+    return _VERDICTS.get(str(d.resolve()), {})
+
+
+def verify_data_dir(data_dir: str | Path, progress: bool = True) -> None:
+    """Check every file the manifest lists, or raise one error naming the file and the fix.
+
+    Size, dtype and length from each ``.npy`` header (a truncated shard is named, not
+    memory-mapped); the sha256 recorded in the manifest; token ids below the manifest's
+    ``vocab_size`` (an ``IndexError`` in the embedding otherwise) and mask values in {0, 1};
+    document offsets from 0 to the shard's length. The bytes are read once per data
+    directory: a passing verdict is cached in ``<data_dir>/.verified.json``, per file keyed
+    by size, mtime, the manifest's sha256 and vocab size, so later calls only ``stat`` (a
+    changed file is checked again). Without write access the verdict is kept in this process
+    only. Call it before any process group: it is the same on every rank.
+    """
+    d = Path(data_dir)
+    manifest = load_manifest(d)
+    dtype, vocab, rerun = np.dtype(manifest["dtype"]), manifest.get("vocab_size"), _rerun(d)
+    entries: dict[str, Any] = {}
+    todo = []
+    for info in manifest["splits"].values():
+        for sh in info["shards"]:
+            for path, want, length, kind in _shard_files(d, sh, dtype):
+                offset = _check_npy(path, want, length, rerun)
+                st = path.stat()
+                key = {
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                    "sha256": sh.get("sha256", {}).get(path.name),
+                    "vocab_size": vocab if kind == "tokens" else None,
+                }
+                entries[path.name] = key
+                todo.append((path, key, offset, want, kind, int(sh["stored_tokens"])))
+    cached = _cached_verdicts(d)
+    todo = [t for t in todo if cached.get(t[0].name) != t[1]]
+    if not todo:
+        return
+    total = sum(t[1]["size"] for t in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {d}", disable=not progress) as bar:  # fmt: skip
+        for path, key, offset, want, kind, stored in todo:
+            limit = {"tokens": vocab, "mask": 2}.get(kind)
+            digest, bad = _scan(path, offset, want, limit, bar)
+            if key["sha256"] and digest != key["sha256"]:
+                raise LongtrainError(
+                    f"{path}: sha256 {digest[:12]} does not match {key['sha256'][:12]} in the "
+                    f"manifest (the file changed after prepare wrote it); {rerun}"
+                )
+            if bad is not None and kind == "tokens":
+                raise LongtrainError(
+                    f"{path}: token id {bad[1]} at position {bad[0]} is not below vocab_size "
+                    f"{vocab} of {d / MANIFEST}; {rerun}"
+                )
+            if bad is not None:
+                raise LongtrainError(
+                    f"{path}: mask value {bad[1]} at position {bad[0]} (must be 0 or 1); {rerun}"
+                )
+            if kind == "index":
+                _load_index(path, stored, rerun)
+    _VERDICTS[str(d.resolve())] = entries
+    try:
+        write_json_atomic(d / VERIFIED, {"files": entries})
+    except OSError:
+        pass  # a read-only data directory: verified, just not cached on disk
+
+
+def check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int, attention: str) -> None:  # fmt: skip
+    """The rank and window arguments every loader takes, checked once for all of them."""
     if seq_len < 1 or micro_batch < 1:
         raise LongtrainError(f"seq_len={seq_len}, micro_batch={micro_batch}: must be positive")
     if not 0 <= dp_rank < dp_size:
@@ -100,9 +283,11 @@ def _check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, 
         raise LongtrainError(f"attention={attention!r}: choose one of {ATTENTION_MODES}")
 
 
-def _to_batch(
+def to_batch(
     packed: dict[str, Any], sample_ids: np.ndarray, sp_rank: int, sp_size: int
 ) -> dict[str, Any]:
+    """The loader contract from packed windows: this SP rank's slice of inputs, shifted labels
+    and positions, the full window's ``cu_seqlens`` and ``max_seqlen``, and the sample ids."""
     L = packed["input_ids"].shape[1]
     lo, hi = sp_rank * L // sp_size, (sp_rank + 1) * L // sp_size
     # Shifted labels are split like the inputs: the label at a shard boundary stays with the
@@ -134,7 +319,7 @@ class DistributedLoader:
         attention: str = "document",
         tokenizer_hash: str | None = None,
     ) -> None:
-        _check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
         self.data_dir = Path(data_dir)
         self.split, self.seq_len, self.micro_batch = split, seq_len, micro_batch
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
@@ -184,7 +369,7 @@ class DistributedLoader:
         ids = self.global_samples(start, self.micro_batch)
         self.consumed_samples += self.global_batch
         packed = pack_from_stream(self.stream, ids, self.seq_len, self.attention)
-        return _to_batch(packed, ids, self.sp_rank, self.sp_size)
+        return to_batch(packed, ids, self.sp_rank, self.sp_size)
 
     def state_dict(self) -> dict[str, Any]:
         """Global position (rank-independent), plus what must match on resume."""
@@ -227,7 +412,7 @@ def validation_batches(
     padded with repeats of window 0 whose labels are all ``-100`` and ``sample_ids`` are -1, so
     they add no loss and no token count.
     """
-    _check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+    check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
     stream, _ = open_split(data_dir, "val", tokenizer_hash)
     n = num_windows(stream.total_tokens, seq_len)
     if n == 0:
@@ -244,4 +429,4 @@ def validation_batches(
         valid = g < n
         packed = pack_from_stream(stream, np.where(valid, g, 0), seq_len, attention)
         packed["labels"][~valid] = IGNORE_INDEX
-        yield _to_batch(packed, np.where(valid, g, -1), sp_rank, sp_size)
+        yield to_batch(packed, np.where(valid, g, -1), sp_rank, sp_size)

@@ -4,6 +4,7 @@ Layout of a data directory::
 
     manifest.json            what the loader reads (see ``prepare`` for its fields)
     prepare_state.json       finished chunks, for resuming; ``complete`` once done
+    .verified.json           the loader's cached integrity verdict (``verify_data_dir``)
     tokenizer/               copy of the tokenizer the shards were made with
     train_00000.npy          tokens: every document followed by EOS (uint16 or uint32)
     train_00000.idx.npy      int64 (n_docs + 1,): document offsets into the token shard
@@ -18,6 +19,14 @@ renamed; the state file records each finished chunk with its files' sha256 and t
 corpus records consumed. A re-run verifies those hashes, keeps the verified prefix, skips the
 consumed records without tokenizing them, and continues; a complete run is a no-op.
 
+Nothing already prepared is lost. The corpus is opened and its first record read before
+anything in ``--out`` is touched. A complete dataset made with other options or another
+tokenizer, or a ``manifest.json`` that prepare did not write, is refused unless
+``--overwrite``; then the new dataset is built (resumably) in the sibling
+``.<out>.prepare-new`` and swapped in by two renames only once complete, the old one passing
+through ``.<out>.prepare-old`` (a prepare that finds it there after a crash puts it back).
+Only an *unfinished* prepare with other options is discarded in place.
+
 A document goes to ``val`` when the first 8 bytes of sha256(doc id), as a fraction of 2**64,
 are below ``val_fraction``: the same split for every run and worker count.
 """
@@ -31,9 +40,12 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +58,18 @@ from longtrain.model.errors import LongtrainError
 
 MANIFEST = "manifest.json"
 STATE = "prepare_state.json"
+VERIFIED = ".verified.json"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
+# Fingerprint keys added after format 1 shipped, with the value that older data implicitly
+# had: they enter the fingerprint only when different, so old data still resumes.
+_FINGERPRINT_DEFAULTS = {"min_doc_tokens": 0, "group_by": "file"}
+# What prepare itself writes into --out (and the temp names of those files): anything else
+# there belongs to the user, and --overwrite, which replaces the whole directory, refuses.
+_OURS = re.compile(
+    r"^(manifest\.json|prepare_state\.json|\.verified\.json|tokenizer"
+    r"|(train|val)_\d{5,}(\.idx|\.mask)?\.npy)(\.\d+)?(\.tmp)?$"
+)
 
 
 def is_val(doc_id: str, val_fraction: float) -> bool:
@@ -114,6 +136,17 @@ def _encode(
 # ---- files -----------------------------------------------------------------------------------
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temp name unique to this process, then rename: readers (and other
+    ranks writing the same file) see the old or the new file, never a half-written one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> str:
     """Write ``arr`` as .npy under a temp name, rename, and return the file's sha256."""
     tmp = path.with_name(path.name + ".tmp")
@@ -121,12 +154,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> str:
         np.save(f, arr)
     os.replace(tmp, path)
     return file_sha256(path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class _Throttle:
@@ -203,17 +230,127 @@ def _empty_counts() -> dict[str, dict[str, int]]:
     return {s: {"documents": 0, "tokens": 0, "stored_tokens": 0} for s in SPLITS}
 
 
+def _read_json(path: Path) -> Any:
+    """Parsed JSON, or None when the file is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def sibling_dir(out: Path, role: str) -> Path:
+    """``.<name>.prepare-<role>`` beside ``out``: where a replacement is built (``new``) and
+    where the replaced dataset waits during the swap (``old``). On the same filesystem as
+    ``out``, so both moves are renames."""
+    return out.parent / f".{out.name}.prepare-{role}"
+
+
+def doc_length_stats(lengths: np.ndarray) -> dict[str, int]:
+    """``count``, ``p50``, ``p90``, ``max`` of document lengths (tokens, EOS excluded)."""
+    if len(lengths) == 0:
+        return {"count": 0, "p50": 0, "p90": 0, "max": 0}
+    p50, p90 = np.percentile(lengths, [50, 90], method="lower")
+    return {"count": len(lengths), "p50": int(p50), "p90": int(p90), "max": int(lengths.max())}
+
+
+def _split_doc_lengths(out: Path, shards: list[dict]) -> np.ndarray:
+    # From the index files rather than counted on the fly: a resumed run has them all.
+    parts = [np.diff(np.load(out / sh["index"])) - 1 for sh in shards]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _fingerprint_diff(old: dict, new: dict) -> str:
+    """``key old -> new`` for every option that differs (the corpus description flattened)."""
+
+    def flat(fp: dict) -> dict:
+        d = {**_FINGERPRINT_DEFAULTS, **{k: v for k, v in fp.items() if k != "source"}}
+        d.update(fp.get("source") or {})
+        if isinstance(d.get("tokenizer_hash"), str):
+            d["tokenizer_hash"] = d["tokenizer_hash"][:12]
+        return d
+
+    a, b = flat(old), flat(new)
+    keys = [*b, *(k for k in a if k not in b)]
+    diff = [f"{k} {_show(a.get(k))} -> {_show(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+    return ", ".join(diff) or "another format"
+
+
+def _replace_reason(out: Path, fingerprint: dict) -> str | None:
+    """Why preparing into ``out`` would replace an existing dataset; None when it would only
+    create, resume or verify one (an unfinished prepare with other options is not a
+    dataset: :func:`_load_state` discards it)."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        return None
+    state, manifest = _read_json(out / STATE), _read_json(manifest_path)
+    ours = (
+        isinstance(state, dict)
+        and isinstance(state.get("fingerprint"), dict)
+        and isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT_VERSION
+        and manifest.get("tokenizer_hash") == state["fingerprint"].get("tokenizer_hash")
+    )
+    if not ours:
+        return f"{manifest_path}: not written by `longtrain prepare` (no matching {STATE})"
+    if state["fingerprint"] != fingerprint:
+        diff = _fingerprint_diff(state["fingerprint"], fingerprint)
+        return f"{out}: holds a dataset prepared with other options or tokenizer ({diff})"
+    return None
+
+
+def _recover_swap(out: Path) -> None:
+    """Finish what a prepare stopped between the renames of a swap left behind."""
+    old = sibling_dir(out, "old")
+    if not old.exists():
+        return
+    if not out.exists():
+        os.replace(old, out)
+        print(f"{out}: put back the dataset that a stopped `prepare --overwrite` was replacing")
+        return
+    state = _read_json(out / STATE)
+    if isinstance(state, dict) and state.get("complete") and (out / MANIFEST).is_file():
+        shutil.rmtree(old)  # the swap was done; only removing the replaced copy was cut short
+        return
+    raise LongtrainError(
+        f"{old}: the dataset that a stopped `prepare --overwrite` was replacing, while {out} "
+        f"exists too; move it back to {out} or delete it, then re-run"
+    )
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace ``out`` by the complete dataset ``new``: two renames, then the old one goes."""
+    old = sibling_dir(out, "old")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old)
+
+
+def _open_corpus(spec: CorpusSpec, stats: CorpusStats) -> Iterator[tuple[str, dict]]:
+    """The corpus's records with the first one already read, so that a missing file, a
+    mistyped glob or an unreadable format fails here, before anything is removed."""
+    rows = iter_rows(spec, stats)
+    first = next(rows, None)
+    return rows if first is None else itertools.chain([first], rows)
+
+
 def _load_state(out: Path, fingerprint: dict) -> tuple[list[dict], bool]:
-    """Finished chunks whose files verify (a prefix), and whether the run was complete."""
+    """Finished chunks whose files verify (a prefix), and whether the run was complete.
+
+    State of another fingerprint is an unfinished prepare (``_replace_reason`` sends complete
+    datasets elsewhere): its files are discarded.
+    """
     path = out / STATE
     if not path.is_file():
         return [], False
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    state = _read_json(path)
+    if not isinstance(state, dict):
         return [], False
     if state.get("fingerprint") != fingerprint:
-        print(f"{out}: prepared with other options or tokenizer; preparing again")
+        print(f"{out}: discarding an unfinished prepare made with other options or tokenizer")
         for chunk in state.get("chunks", []):
             for shard in chunk["shards"].values():
                 for name in shard["sha256"]:
@@ -238,26 +375,38 @@ def prepare(
     shard_tokens: int = 50_000_000,
     sft: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    min_doc_tokens: int = 0,
 ) -> dict[str, Any]:
     """Tokenize ``spec`` into ``out_dir``; returns the manifest (also written as JSON).
 
     Manifest fields: ``format``, ``tokenizer_hash``, ``vocab_size``, ``dtype``, ``eos_id``,
     ``sft``, ``documents`` / ``tokens`` (tokens exclude the EOS after each document;
-    ``stored_tokens`` include it), ``dropped_empty``, ``bad_records``, ``skipped_undecodable``,
-    ``val_fraction``, ``source``, and ``splits.<train|val>`` with counts and the shard list
+    ``stored_tokens`` include it), ``dropped_empty``, ``dropped_short`` (fewer than
+    ``min_doc_tokens`` tokens), ``min_doc_tokens``, ``group_by``, ``bad_records``,
+    ``skipped_undecodable``, ``val_fraction``, ``source``, and ``splits.<train|val>`` with
+    counts, ``doc_lengths`` (``count``/``p50``/``p90``/``max`` tokens) and the shard list
     (file names, document and token counts, per-file sha256).
+
+    ``overwrite`` allows replacing a complete dataset made with other options (or a directory
+    whose ``manifest.json`` prepare did not write); see the module docstring for how.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise LongtrainError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if shard_tokens < 1:
         raise LongtrainError(f"--shard-tokens {shard_tokens}: must be positive")
+    if min_doc_tokens < 0:
+        raise LongtrainError(f"--min-doc-tokens {min_doc_tokens}: must be 0 or more")
     workers = workers or available_cores()
     if workers < 1:
         raise LongtrainError(f"--workers {workers}: must be at least 1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise LongtrainError(
+            f"--out {out}: is a file, not a directory; give the path of a data directory "
+            "(it is created when missing)"
+        )
     tok = Tokenizer.load(tokenizer_dir)
-    dtype = token_dtype(tok.vocab_size)
     fingerprint = {
         "format": FORMAT_VERSION,
         "tokenizer_hash": tok.hash,
@@ -267,36 +416,111 @@ def prepare(
         "sft": sft,
         "skip_bad": spec.skip_bad,
     }
-    chunks, complete = _load_state(out, fingerprint)
+    if min_doc_tokens != _FINGERPRINT_DEFAULTS["min_doc_tokens"]:
+        fingerprint["min_doc_tokens"] = min_doc_tokens
+    job = _Job(
+        spec,
+        Path(tokenizer_dir),
+        tok,
+        fingerprint,
+        workers,
+        val_fraction,
+        shard_tokens,
+        sft,
+        progress,
+        min_doc_tokens,
+    )
+    _recover_swap(out)
+    state = _read_json(out / STATE)
+    done = isinstance(state, dict) and state.get("fingerprint") == fingerprint
+    if not (done and state.get("complete") and (out / MANIFEST).is_file()):
+        # Anything but re-verifying a finished run reads the corpus: open it now, while
+        # nothing in --out has been touched.
+        job.rows = _open_corpus(spec, job.stats)
+    reason = _replace_reason(out, fingerprint) if out.is_dir() else None
+    if reason is None:
+        return _build(out, job)
+    if not overwrite:
+        raise LongtrainError(
+            f"{reason}; pass --overwrite to replace it (the new dataset is built beside it and "
+            "swapped in only once complete), or choose another --out"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise LongtrainError(
+            f"--out {out}: also holds {', '.join(foreign[:5])}{more}, which longtrain did not "
+            "write, and --overwrite replaces the whole directory; move them out or choose "
+            "another --out"
+        )
+    new = sibling_dir(out, "new")
+    if new.exists():
+        st = _read_json(new / STATE)
+        if not (isinstance(st, dict) and st.get("fingerprint") == fingerprint):
+            shutil.rmtree(new)  # our own scratch from an --overwrite with other options
+    print(f"{reason}: building its replacement in {new}")
+    manifest = _build(new, job)
+    _swap_in(new, out)
+    print(f"{out}: replaced by the new dataset")
+    return manifest
+
+
+@dataclass
+class _Job:
+    """What one ``prepare`` call builds, handed to :func:`_build`."""
+
+    spec: CorpusSpec
+    tokenizer_dir: Path
+    tok: Tokenizer
+    fingerprint: dict
+    workers: int
+    val_fraction: float
+    shard_tokens: int
+    sft: bool
+    progress: bool
+    min_doc_tokens: int
+    stats: CorpusStats = field(default_factory=CorpusStats)
+    rows: Iterator[tuple[str, dict]] | None = None
+    """The opened corpus (see :func:`_open_corpus`); None until something must be read."""
+
+
+def _build(out: Path, job: _Job) -> dict[str, Any]:
+    """Create, resume or re-verify the dataset of ``job`` in ``out``; returns its manifest."""
+    spec, tok, sft, val_fraction = job.spec, job.tok, job.sft, job.val_fraction
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    chunks, complete = _load_state(out, job.fingerprint)
     if complete and (out / MANIFEST).is_file():
         print(f"{out}: already prepared, {len(chunks)} chunks verified")
         return json.loads((out / MANIFEST).read_text())
-    copy_tokenizer(tokenizer_dir, out / "tokenizer")
+    copy_tokenizer(job.tokenizer_dir, out / "tokenizer")
 
-    records_done = chunks[-1]["records_end"] if chunks else 0
-    counts = copy.deepcopy(chunks[-1]["counts"]) if chunks else _empty_counts()
-    dropped = chunks[-1]["dropped_empty"] if chunks else 0
+    last = chunks[-1] if chunks else {}
+    records_done = last.get("records_end", 0)
+    counts = copy.deepcopy(last["counts"]) if chunks else _empty_counts()
+    dropped = last.get("dropped_empty", 0)
+    dropped_short = last.get("dropped_short", 0)
     # Records rejected by the workers (SFT validation); malformed lines are counted by the
     # corpus reader, which re-reads the skipped prefix on resume.
-    bad_encoded = chunks[-1]["bad_records"] if chunks else 0
-    stats = CorpusStats()
-    rows: Iterator[tuple[str, dict]] = iter_rows(spec, stats)
+    bad_encoded = last.get("bad_records", 0)
+    stats = job.stats
+    rows = job.rows if job.rows is not None else _open_corpus(spec, stats)
     if records_done:
         print(f"{out}: resuming after {len(chunks)} verified chunks ({records_done} records)")
         rows = itertools.islice(rows, records_done, None)
-    state = {"fingerprint": fingerprint, "chunks": chunks, "complete": False}
-    _write_json(out / STATE, state)
+    state = {"fingerprint": job.fingerprint, "chunks": chunks, "complete": False}
+    write_json_atomic(out / STATE, state)
 
-    model_bytes = (Path(tokenizer_dir) / MODEL_FILE).read_bytes()
+    model_bytes = (job.tokenizer_dir / MODEL_FILE).read_bytes()
     init_args = (model_bytes, tok.meta, sft, spec.text_field)
     pool = None
-    if workers > 1:
+    if job.workers > 1:
         pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(
-            workers, _init_worker, init_args
+            job.workers, _init_worker, init_args
         )
         # Pool.imap drains its input eagerly in a feeder thread; the semaphore bounds the
         # records in flight so a corpus larger than memory streams through.
-        throttle = _Throttle(workers * 256)
+        throttle = _Throttle(job.workers * 256)
         results = pool.imap(_encode, throttle.feed(rows), chunksize=16)
     else:
         throttle = None
@@ -304,7 +528,7 @@ def prepare(
         results = map(_encode, rows)
 
     chunk, n_records, t0 = _Chunk(), records_done, time.time()
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, initial=records_done)
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not job.progress, initial=records_done)
 
     def flush() -> None:
         index = len(state["chunks"])
@@ -318,10 +542,11 @@ def prepare(
                 "shards": shards,
                 "counts": copy.deepcopy(counts),
                 "dropped_empty": dropped,
+                "dropped_short": dropped_short,
                 "bad_records": bad_encoded,
             }
         )
-        _write_json(out / STATE, state)
+        write_json_atomic(out / STATE, state)
 
     try:
         for doc_id, ids, mask, error in results:
@@ -339,11 +564,14 @@ def prepare(
             if ids is None:
                 dropped += 1
                 continue
+            if len(ids) - 1 < job.min_doc_tokens:  # the EOS is not the document's
+                dropped_short += 1
+                continue
             split = "val" if is_val(doc_id, val_fraction) else "train"
             chunk.add(split, ids, mask)
             counts[split]["documents"] += 1
             counts[split]["tokens"] += len(ids) - 1
-            if chunk.stored >= shard_tokens:
+            if chunk.stored >= job.shard_tokens:
                 flush()
                 chunk = _Chunk()
         if chunk.stored:
@@ -358,12 +586,32 @@ def prepare(
 
     all_chunks = state["chunks"]
     if not all_chunks:
+        short = (
+            f", {dropped_short} shorter than --min-doc-tokens {job.min_doc_tokens}"
+            if job.min_doc_tokens
+            else ""
+        )
         raise LongtrainError(
-            f"--corpus {spec.source}: no non-empty documents ({dropped} empty dropped)"
+            f"--corpus {spec.source}: no documents left ({dropped} empty{short} dropped)"
+            if short
+            else f"--corpus {spec.source}: no non-empty documents ({dropped} empty dropped)"
+        )
+    n_docs = sum(counts[s]["documents"] for s in SPLITS)
+    if val_fraction > 0 and counts["val"]["documents"] == 0:
+        # Said now rather than by the first validation of a pretraining run. The chunks stay
+        # (the state is not complete), so a re-run with other options simply replaces them.
+        hint = min(0.5, 3 / n_docs)
+        raise LongtrainError(
+            f"--val-fraction {val_fraction} put 0 of {n_docs} documents in val (the split is a "
+            f"hash of each document id); raise it (about {hint:.2g} holds out a few documents) "
+            "or pass --val-fraction 0 to prepare without a validation split"
         )
     splits = {
         s: {
             **counts[s],
+            "doc_lengths": doc_length_stats(
+                _split_doc_lengths(out, [c["shards"][s] for c in all_chunks if s in c["shards"]])
+            ),
             "shards": [c["shards"][s] for c in all_chunks if s in c["shards"]],
         }
         for s in SPLITS
@@ -375,10 +623,13 @@ def prepare(
         "dtype": dtype.name,
         "eos_id": tok.eos_id,
         "sft": sft,
-        "documents": sum(counts[s]["documents"] for s in SPLITS),
+        "documents": n_docs,
         "tokens": sum(counts[s]["tokens"] for s in SPLITS),
         "stored_tokens": sum(counts[s]["stored_tokens"] for s in SPLITS),
         "dropped_empty": dropped,
+        "dropped_short": dropped_short,
+        "min_doc_tokens": job.min_doc_tokens,
+        "group_by": spec.group_by,
         "bad_records": stats.bad_records + bad_encoded,
         "first_bad": stats.first_bad,
         "skipped_undecodable": stats.undecodable,
@@ -386,15 +637,26 @@ def prepare(
         "source": spec.describe(),
         "splits": splits,
     }
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     state["complete"] = True
-    _write_json(out / STATE, state)
+    write_json_atomic(out / STATE, state)
     dt = time.time() - t0
+    short = (
+        f", {dropped_short} shorter than {job.min_doc_tokens} tokens dropped"
+        if job.min_doc_tokens
+        else ""
+    )
     print(
         f"wrote {out}: {manifest['documents']} documents, {manifest['tokens']} tokens "
-        f"({splits['val']['documents']} docs in val), {dropped} empty dropped, "
+        f"({splits['val']['documents']} docs in val), {dropped} empty dropped{short}, "
         f"{manifest['bad_records']} bad skipped, {dt:.1f}s"
     )
+    for s in SPLITS:
+        st = splits[s]["doc_lengths"]
+        print(
+            f"  {s + ':':6} {st['count']} documents, tokens per document p50 {st['p50']}, "
+            f"p90 {st['p90']}, max {st['max']}"
+        )
     if stats.undecodable:
         print(f"skipped {len(stats.undecodable)} undecodable stdlib files: {stats.undecodable}")
     return manifest
@@ -410,5 +672,7 @@ def cli_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         sft=args.sft,
+        overwrite=args.overwrite,
+        min_doc_tokens=args.min_doc_tokens,
     )
     return 0

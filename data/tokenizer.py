@@ -65,6 +65,37 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tokenizer_hash(directory: str | os.PathLike, option: str = "--tokenizer") -> str:
+    """The hash a tokenizer directory records (``tokenizer_meta.json``), or one clear error.
+
+    Only the recorded hash is read; :meth:`Tokenizer.load` also checks it against the model.
+    """
+    meta = Path(directory) / META_FILE
+    if not meta.is_file():
+        raise LongtrainError(
+            f"{option} {directory}: no {META_FILE}; pass a directory written by "
+            "`longtrain tokenizer`"
+        )
+    try:
+        return str(json.loads(meta.read_text()).get("hash", ""))
+    except json.JSONDecodeError as e:
+        raise LongtrainError(f"{meta}: invalid JSON ({e}); re-run `longtrain tokenizer`") from None
+
+
+def check_tokenizer_hash(want: str | None, have: str | None, want_what: str, have_what: str,
+                         fix: str) -> None:  # fmt: skip
+    """The one tokenizer-identity rule: ``have`` must equal ``want``; the error names both.
+
+    ``want_what`` / ``have_what`` say whose hashes they are (``"the data in data.dir D"``,
+    ``"data.tokenizer T"``); ``fix`` says what to do instead.
+    """
+    if want and have and want != have:
+        raise LongtrainError(
+            f"{have_what} (tokenizer hash {have[:12]}) differs from the tokenizer of "
+            f"{want_what} (hash {want[:12]}); {fix}"
+        )
+
+
 class Tokenizer:
     """A trained sentencepiece model plus the special ids the rest of longtrain uses."""
 

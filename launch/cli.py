@@ -20,9 +20,9 @@ DISPATCH: dict[str, str] = {
     "prepare": "longtrain.data.prepare:cli_prepare",
     "pretrain": "longtrain.train.trainer:cli_pretrain",
     "finetune": "longtrain.train.trainer:cli_finetune",
-    "export-hf": "longtrain.train.trainer:cli_export_hf",
-    "import-hf": "longtrain.model.hf:cli_import_hf",
-    "eval": "longtrain.train.evaluate:cli_eval",
+    "export-hf": "longtrain.train.export:cli_export_hf",
+    "import-hf": "longtrain.train.export:cli_import_hf",
+    "eval": "longtrain.train.eval.cli:cli_eval",
     "plan": "longtrain.train.plan:cli_plan",
 }
 
@@ -93,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="non-UTF-8 bytes: stop (strict) or replace them",
     )
     p.add_argument("--sft", action="store_true", help="chat/instruction records with loss masks")
+    p.add_argument(
+        "--group-by",
+        choices=["file", "directory"],
+        default="file",
+        help="'directory': the files of one directory become one document, in path order, each "
+        "after a header line with its path (stdlib and .txt trees; default: file)",
+    )
+    p.add_argument(
+        "--min-doc-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep only documents of at least N tokens; the manifest counts the dropped ones",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset in --out made with other options (built beside it, swapped in "
+        "when complete)",
+    )
 
     p = sub.add_parser("pretrain", help="pretrain a model (torchrun / deepspeed / single process)")
     _train_args(p)
@@ -100,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
 
     p = sub.add_parser("export-hf", help="write a Hugging Face model directory")
-    p.add_argument("--checkpoint", required=True, help="a run directory or one checkpoint of it")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory, one checkpoint of it, or a model directory (final/, import-hf)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to include")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -108,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB, 10KB"
     )
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into weights")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of a non-empty --out that is not a longtrain export",
+    )
 
     p = sub.add_parser("import-hf", help="read a transformers Llama directory into a checkpoint")
     p.add_argument("--hf", required=True, help="Hugging Face model directory")

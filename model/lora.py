@@ -32,7 +32,7 @@ class LoRAConfig:
     """Which linear layers get adapters, and how large they are."""
 
     rank: int = 8
-    """Rank r of the update A^T B^T; 4-64 is typical."""
+    """Rank r of the update A^T B^T; 4-64 is typical; 0 = no adapters (every weight trains)."""
     alpha: float = 16.0
     """Scale numerator: the update is multiplied by alpha / rank."""
     dropout: float = 0.0
@@ -41,8 +41,10 @@ class LoRAConfig:
     """Names of linear submodules to adapt: any of wq, wk, wv, wo (attention), w1, w2, w3 (MLP)."""
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise LongtrainError(f"lora.rank must be >= 1 (got {self.rank}); try lora.rank=8")
+        if self.rank < 0:
+            raise LongtrainError(
+                f"lora.rank must be >= 0 (got {self.rank}); 0 = off, try lora.rank=8"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise LongtrainError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
         self.targets = tuple(self.targets)
@@ -116,6 +118,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     The base weights are reused (not copied), so this is cheap for large models.
     """
+    if cfg.rank < 1:
+        raise LongtrainError(f"lora.rank={cfg.rank}: adapters need a rank >= 1, e.g. lora.rank=8")
     found = _targets(model, cfg.targets)
     if not found:
         raise LongtrainError(

@@ -22,10 +22,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtrain.model.attention import _CORES, doc_offsets, resolve_core_name
+from longtrain.model.attention import (
+    Documents,
+    as_documents,
+    doc_offsets,
+    make_core,
+    resolve_core_name,
+)
 from longtrain.model.config import ModelConfig
 from longtrain.model.loss import chunked_cross_entropy
 from longtrain.model.rope import RotaryEmbedding, apply_rotary
+from longtrain.model.tiled import has_active_dropout, tiled_mlp
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +71,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Documents | None = None,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape  # T is the local sequence length (T/sp under sequence parallelism)
@@ -77,16 +84,39 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``, sequence-tiled when ``chunk_size > 0``.
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    Tiled, the forward runs ``chunk_size`` tokens at a time and the backward recomputes each
+    tile, so the MLP's intermediates exist for one tile only (``longtrain.model.tiled``).
+    Works as well with LoRA adapters on w1/w2/w3 (their parameters are the trainable ones).
+    """
+
+    def __init__(self, dim: int, hidden: int, chunk_size: int = 0) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.chunk_size = chunk_size
+        """Most tokens per tile (``train.mlp_chunk_size``); 0 computes the whole input at once."""
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP itself, on any number of tokens: (..., dim) -> (..., dim)."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def _swiglu_tile(self, x: torch.Tensor) -> torch.Tensor:
+        # The projections' forward without their module hooks, which would run once per tile:
+        # a sharding engine gathers their weights once for this whole module instead (ZeRO-3,
+        # see tiled_mlp), and its record of the module order stays independent of the tiles.
+        w1, w2, w3 = self.w1.forward, self.w2.forward, self.w3.forward
+        return w2(F.silu(w1(x)) * w3(x))  # (tile, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.chunk_size <= 0:
+            return self.swiglu(x)
+        # Every parameter the tiles use is handed over: the trainable ones get their gradient
+        # summed over the tiles inside, and come out once (see tiled_mlp).
+        params = list(self.parameters())
+        return tiled_mlp(self._swiglu_tile, x, self.chunk_size, params, has_active_dropout(self))
 
 
 class Block(nn.Module):
@@ -104,10 +134,13 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Documents | None = None,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        # Documents by keyword: ZeRO-3's module hooks walk positional inputs and warn on objects.
+        h = x + self.attention(
+            self.attention_norm(x), cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        )
         return h + self.feed_forward(self.ffn_norm(h))
 
     @torch.no_grad()
@@ -123,11 +156,15 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+def positions_from_cu_seqlens(
+    cu_seqlens: torch.Tensor | Documents, batch: int, seq_len: int
+) -> torch.Tensor:
     """(B, T) positions restarting at 0 at every document start in ``cu_seqlens``."""
-    offs = doc_offsets(cu_seqlens, batch, seq_len)
-    idx = torch.arange(batch * seq_len, device=cu_seqlens.device)
-    starts = torch.tensor(offs[:-1], device=cu_seqlens.device)
+    docs = as_documents(cu_seqlens)
+    offs = doc_offsets(docs, batch, seq_len)
+    device = docs.cu_seqlens.device
+    idx = torch.arange(batch * seq_len, device=device)
+    starts = torch.tensor(offs[:-1], device=device)
     doc = torch.searchsorted(starts, idx, right=True) - 1  # (B*T,) document of each token
     return (idx - starts[doc]).view(batch, seq_len)  # (B, T)
 
@@ -139,10 +176,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention_core = resolve_core_name(attention)  # resolved once, logged once
-        core_cls = _CORES[self.attention_core]
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, core_cls()) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, make_core(self.attention_core)) for _ in range(cfg.n_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if self.tok_embeddings.weight.device.type != "meta":
@@ -158,15 +196,31 @@ class Transformer(nn.Module):
         (wo, w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance does not
         grow with depth (GPT-2, Megatron-LM); norms start at 1.
         """
+        for _params, fill in self.init_units():
+            fill()
+        self.rope.reset_parameters()
+
+    def init_units(self) -> list[tuple[list[nn.Parameter], Callable[[], None]]]:
+        """``(parameters, fill)`` pairs in the one fixed initialisation order.
+
+        :meth:`init_weights` runs every ``fill`` in turn; a sharded builder (ZeRO-3) gathers
+        each unit's parameters, fills them on one rank and scatters them, one unit at a time,
+        so the order and the RNG draws are the same whichever way the model is built.
+        Subclasses with more parameters (a task head) append their own units.
+        """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        emb = self.tok_embeddings.weight
+        units: list[tuple[list[nn.Parameter], Callable[[], None]]] = [
+            ([emb], lambda: nn.init.normal_(emb, std=std))
+        ]
         for block in self.layers:
-            block.init_weights(std, out_std)
-        self.norm.reset_parameters()
+            units.append((list(block.parameters()), lambda b=block: b.init_weights(std, out_std)))
+        units.append(([self.norm.weight], self.norm.reset_parameters))
         if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
-        self.rope.reset_parameters()
+            out = self.output.weight
+            units.append(([out], lambda: nn.init.normal_(out, std=std)))
+        return units
 
     def set_attention_core(self, fn: str | nn.Module | Callable[[nn.Module], nn.Module]) -> None:
         """Replace every layer's attention core.
@@ -177,7 +231,7 @@ class Transformer(nn.Module):
         """
         for block in self.layers:
             if isinstance(fn, str):
-                new = _CORES[resolve_core_name(fn)]()
+                new = make_core(resolve_core_name(fn))
             elif isinstance(fn, nn.Module):
                 new = fn
             else:
@@ -197,7 +251,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Documents | None = None,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, dim) hidden states after the final norm.
@@ -205,24 +259,29 @@ class Transformer(nn.Module):
         ``position_ids`` default to 0..T-1 per row, or to positions restarting at every
         document start when ``cu_seqlens`` is given. Under sequence parallelism pass the
         local shard's ids and positions and the full window's ``cu_seqlens``.
+
+        ``cu_seqlens`` becomes one :class:`~longtrain.model.attention.Documents` shared by all
+        layers, so its offsets reach the host at most once per forward (and again not at all
+        when activation checkpointing recomputes a block: the same object is passed back in).
         """
         B, T = input_ids.shape  # T is local (T/sp) under sequence parallelism
+        docs = as_documents(cu_seqlens, max_seqlen)
         if position_ids is None:
-            if cu_seqlens is not None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, B, T)
+            if docs is not None:
+                position_ids = positions_from_cu_seqlens(docs, B, T)
             else:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rope(position_ids, max_seqlen)  # (B, T/sp, D) fp32 each
         h = self.tok_embeddings(input_ids)  # (B, T/sp, dim)
         for block in self.layers:
-            h = block(h, cos, sin, cu_seqlens, max_seqlen)
+            h = block(h, cos, sin, cu_seqlens=docs, max_seqlen=max_seqlen)
         return self.norm(h)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Documents | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
         chunk_size: int = 1024,

@@ -24,15 +24,14 @@ import torch
 from longtrain.model.errors import LongtrainError
 from longtrain.train.checkpoint import (
     _prune,
-    find_latest,
-    list_checkpoints,
     load_checkpoint,
     plan_resume,
     save_checkpoint,
-    verify_checkpoint,
 )
+from longtrain.train.export import write_model_output
+from longtrain.train.files import find_latest, list_checkpoints, verify_checkpoint
 from longtrain.train.preempt import PreemptionHandler
-from longtrain.train.reshard import consolidate_state_dict, iter_state_dict, write_model_dir
+from longtrain.train.reshard import consolidate_state_dict, iter_state_dict
 
 WORKER = Path(__file__).with_name("test_checkpoint_worker.py")
 pytestmark = pytest.mark.slow
@@ -314,7 +313,7 @@ def test_consolidate_equals_unsharded_weights(runs: dict, stage: int, tmp_path: 
     assert [k for k, _ in iter_state_dict(_ckpt(run, 2))] == list(sd)
     from safetensors.torch import load_file
 
-    written = load_file(write_model_dir(run, tmp_path / "m") / "model.safetensors")
+    written = load_file(write_model_output(run, tmp_path / "m", {}) / "model.safetensors")
     assert all(torch.equal(written[k], ref[k]) for k in ref) and set(written) == set(ref)
 
 

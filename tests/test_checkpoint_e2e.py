@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from longtrain.train.checkpoint import find_latest, list_checkpoints
+from longtrain.train.files import find_latest, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(f, corpus / f"{f.parent.name}_{f.stem}.txt")
     spec = CorpusSpec(str(corpus / "*.txt"))
     train_tokenizer(iter_texts(spec), root / "tok", vocab_size=400, progress=False)
-    prepare(spec, root / "tok", root / "data", workers=1, val_fraction=0.1, progress=False)
+    # No validation split: these runs never evaluate (log.eval_interval 0).
+    prepare(spec, root / "tok", root / "data", workers=1, val_fraction=0.0, progress=False)
     return root / "data"
 
 
@@ -251,7 +252,8 @@ def test_relaunch_resumes_bitwise_and_ends_in_the_same_state(e2e: dict) -> None:
     # The resolved job config names each run's own run_dir; nothing else may differ.
     assert diffs == ["client_state.json.config.run_dir"], diffs
     sa = json.loads((a / "client_state.json").read_text())
-    assert sa["loader"] == json.loads((b / "client_state.json").read_text())["loader"]
+    sb = json.loads((b / "client_state.json").read_text())
+    assert sa["parts"]["loader"] == sb["parts"]["loader"]
     assert sa["step"] == STEPS
 
 
@@ -315,9 +317,9 @@ def test_export_hf_streams_the_files_save_hf_writes(
     from safetensors.torch import load_file
 
     from longtrain.launch.cli import main as cli_main
-    from longtrain.model import hf
     from longtrain.model.config import ModelConfig
     from longtrain.model.transformer import Transformer
+    from longtrain.train.export import save_hf
     from longtrain.train.reshard import consolidate_state_dict
 
     ckpt = find_latest(e2e["ref"])  # ZeRO-2 shards of 2 ranks
@@ -326,7 +328,7 @@ def test_export_hf_streams_the_files_save_hf_writes(
     model.load_state_dict(consolidate_state_dict(ckpt))
     ref, out = tmp_path / "ref", tmp_path / "out"
     shard = "20KB"  # the 400 x 32 embedding alone is 51 KB: several shards and an index
-    hf.save_hf(model, ref, tokenizer=data_dir / "tokenizer", dtype=dtype, max_shard_size=shard)
+    save_hf(model, ref, tokenizer=data_dir / "tokenizer", dtype=dtype, max_shard_size=shard)
     args = ["export-hf", "--checkpoint", str(e2e["ref"]), "--out", str(out)]
     assert cli_main([*args, "--dtype", dtype, "--max-shard-size", shard]) == 0
     files = sorted(p.name for p in ref.iterdir())

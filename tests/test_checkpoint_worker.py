@@ -187,7 +187,8 @@ def scenario_resume(out: Path) -> dict:
 
     import torch.distributed as dist
 
-    from longtrain.train.checkpoint import find_latest, load_checkpoint
+    from longtrain.train.checkpoint import load_checkpoint
+    from longtrain.train.files import find_latest
 
     rank, world = _dist()
     res: dict = {}

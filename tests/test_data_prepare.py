@@ -1,7 +1,10 @@
 """prepare: manifest vs per-document encodings, deterministic split, resume, sources, bad input.
 
-STDLIB tests (marked ``slow``) prepare the whole standard library twice (2 workers and
-1 worker, ~25 s together on 2 cores); the rest use small corpora written into tmp dirs.
+STDLIB tests (marked ``slow``) prepare the whole standard library three times (2 workers and
+1 worker by file, 2 workers by directory; ~35 s together on 2 cores); the rest use small
+corpora written into tmp dirs. The "nothing lost" tests (issue 12) failed on the code before
+the fix: a mistyped corpus deleted the dataset, a foreign manifest.json was overwritten, a
+file as --out raised FileExistsError, an empty val split was accepted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from test_data_tokenizer import _TMP, stdlib_docs, stdlib_encodings, stdlib_tokenizer_dir
 
 import longtrain.data.prepare as prep
-from longtrain.data.corpus import CorpusSpec
+from longtrain.data.corpus import CorpusSpec, file_header, group_text
 from longtrain.data.loader import DistributedLoader, open_split
 from longtrain.data.packing import IGNORE_INDEX
 from longtrain.data.prepare import is_val, prepare, verify_shard
@@ -111,7 +114,7 @@ def run(corpus: Path | str, out: Path, **kw) -> dict:
     spec_kw = {
         k: kw.pop(k)
         for k in list(kw)
-        if k in ("skip_bad", "errors", "text_field", "txt_per_line", "streaming")
+        if k in ("skip_bad", "errors", "text_field", "txt_per_line", "streaming", "group_by")
     }
     kw.setdefault("workers", 1)
     kw.setdefault("progress", False)
@@ -163,8 +166,11 @@ def test_prepare_idempotent_and_resumes_after_interruption(
     again = run(corpus, tmp_path / "part", shard_tokens=20_000, val_fraction=0.2)
     assert shard_hashes(again) == shard_hashes(full)
     assert "corrupt" in capsys.readouterr().out
-    # Other options: prepared again from scratch, not mixed with the old chunks.
-    other = run(corpus, tmp_path / "part", shard_tokens=50_000, val_fraction=0.2)
+    # Other options: refused without --overwrite; with it, prepared again from scratch, not
+    # mixed with the old chunks.
+    with pytest.raises(LongtrainError, match=r"shard_tokens 20000 -> 50000.*--overwrite"):
+        run(corpus, tmp_path / "part", shard_tokens=50_000, val_fraction=0.2)
+    other = run(corpus, tmp_path / "part", shard_tokens=50_000, val_fraction=0.2, overwrite=True)
     assert other["tokens"] == full["tokens"] and len(shard_hashes(other)) < len(shard_hashes(full))
 
 
@@ -391,3 +397,241 @@ def test_split_independent_of_path_spelling(tmp_path: Path, monkeypatch) -> None
     b = run("./d/a.jsonl", tmp_path / "rel", val_fraction=0.3)
     assert 0 < a["splits"]["val"]["documents"] < 40
     assert shard_hashes(a) == shard_hashes(b)
+
+
+# ---- nothing lost: a prepared dataset survives any failed or refused prepare ------------------
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` (relative name -> bytes): what "untouched" means."""
+    return {
+        p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()
+    }
+
+
+def test_refused_or_failed_prepare_leaves_the_dataset_intact(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", list(small_rows()[:40]))
+    d = tmp_path / "data"
+    old = run(corpus, d, val_fraction=0.2, shard_tokens=20_000)
+    before = snapshot(d)
+    # Issue 12: a typo'd corpus used to unlink the manifest and every shard before failing.
+    with pytest.raises(LongtrainError, match="typo"):
+        run(tmp_path / "typo*.txt", d, val_fraction=0.2, shard_tokens=20_000)
+    assert snapshot(d) == before
+    # Other options into a complete dataset: refused, naming the directory, what differs, the fix.
+    with pytest.raises(LongtrainError, match=r"data: .*val_fraction 0.2 -> 0.3.*--overwrite"):
+        run(corpus, d, val_fraction=0.3, shard_tokens=20_000)
+    assert snapshot(d) == before
+    with pytest.raises(LongtrainError, match="typo"):
+        run(tmp_path / "typo*.txt", d, val_fraction=0.3, overwrite=True)
+    assert snapshot(d) == before
+
+    # --overwrite builds beside the old dataset: interrupted midway, the old one is untouched.
+    calls = {"n": 0}
+    real = prep._encode
+
+    def flaky(item):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(item)
+
+    monkeypatch.setattr(prep, "_encode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, d, val_fraction=0.3, shard_tokens=20_000, overwrite=True)
+    assert snapshot(d) == before
+    assert run(corpus, d, val_fraction=0.2, shard_tokens=20_000) == old  # still usable as is
+    # Re-running the overwrite resumes the build beside it, then swaps it in.
+    calls["n"] = -(10**9)
+    new = run(corpus, d, val_fraction=0.3, shard_tokens=20_000, overwrite=True)
+    assert "resuming after" in capsys.readouterr().out
+    assert 0 < calls["n"] + 10**9 < 40
+    assert new["val_fraction"] == 0.3 and new == json.loads((d / "manifest.json").read_text())
+    assert all(verify_shard(d, s) for sp in ("train", "val") for s in new["splits"][sp]["shards"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "data"]  # no leftovers
+    fresh = run(corpus, tmp_path / "fresh", val_fraction=0.3, shard_tokens=20_000)
+    assert shard_hashes(fresh) == shard_hashes(new)
+    # Re-verifying a finished dataset does not need its corpus any more (as before).
+    corpus.rename(tmp_path / "moved.jsonl")
+    assert run(corpus, d, val_fraction=0.3, shard_tokens=20_000) == new
+
+
+def test_swap_interrupted_between_renames_restores_the_old_dataset(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", list(small_rows()[:20]))
+    d = tmp_path / "data"
+    run(corpus, d, val_fraction=0.2)
+    before = snapshot(d)
+    # A crash right after the first rename of the swap: the old dataset sits under the
+    # reserved sibling name, nothing at --out. The next prepare puts it back first.
+    d.rename(prep.sibling_dir(d, "old"))
+    with pytest.raises(LongtrainError, match="--overwrite"):
+        run(corpus, d, val_fraction=0.3)
+    assert snapshot(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "data"]
+
+
+def test_foreign_manifest_or_files_are_never_overwritten_silently(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", list(small_rows()[:20]))
+    d = tmp_path / "theirs"
+    d.mkdir()
+    (d / "manifest.json").write_text('{"model": "not longtrain"}\n')
+    with pytest.raises(LongtrainError, match=r"theirs/manifest.json: not written by.*--overwrite"):
+        run(corpus, d, val_fraction=0.2)
+    assert (d / "manifest.json").read_text() == '{"model": "not longtrain"}\n'
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json"]
+    # --overwrite replaces the whole directory, so files that are not longtrain's stop it.
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(LongtrainError, match=r"notes.txt"):
+        run(corpus, d, val_fraction=0.2, overwrite=True)
+    assert (d / "notes.txt").read_text() == "mine"
+    (d / "notes.txt").unlink()
+    m = run(corpus, d, val_fraction=0.2, overwrite=True)
+    assert json.loads((d / "manifest.json").read_text()) == m and m["documents"] == 20
+
+
+def test_out_is_a_file_and_empty_val_split_are_one_clear_error(tmp_path: Path, capsys) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", list(small_rows()[:20]))
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(LongtrainError, match=r"--out .*afile: is a file"):
+        run(corpus, f)
+    assert f.read_text() == "x"
+    rc = main(["prepare", "--corpus", str(corpus), "--tokenizer", str(stdlib_tokenizer_dir())]
+              + ["--out", str(f), "--workers", "1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "afile: is a file" in err[0]
+    # Three documents, none of which hashes below 0.01: val would be empty. Said now, not at
+    # pretrain time.
+    rows = list(small_rows()[:3])
+    assert not any(is_val(f"t.jsonl:{i}", 0.01) for i in (1, 2, 3))
+    tiny = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(LongtrainError, match=r"--val-fraction 0.01 put 0 of 3 documents in val"):
+        run(tiny, tmp_path / "v", val_fraction=0.01)
+    assert not (tmp_path / "v" / "manifest.json").exists()
+    # The advice works: another --val-fraction replaces the unfinished run.
+    assert run(tiny, tmp_path / "v", val_fraction=0.0)["documents"] == 3
+
+
+# ---- long documents: --group-by directory, --min-doc-tokens, length distribution ---------------
+
+
+def documents(d: Path, split: str = "train") -> list[np.ndarray]:
+    """The documents of a split (EOS dropped), in order, from the shards and their indexes."""
+    m = json.loads((d / "manifest.json").read_text())
+    out = []
+    for sh in m["splits"][split]["shards"]:
+        toks, off = np.load(d / sh["tokens"]), np.load(d / sh["index"])
+        out += [toks[a : b - 1] for a, b in zip(off[:-1], off[1:])]
+    return out
+
+
+def test_group_by_directory_decodes_to_its_files_with_headers(tmp_path: Path, capsys) -> None:
+    tree = {
+        "README.txt": "top level\n",
+        "src/b.txt": "beta, no final newline",
+        "src/a.txt": "alpha\n",
+        "src/sub/c.txt": "gamma\n  indented\n",
+        "docs/z.txt": "zeta \u00e9\n",
+    }
+    for rel, text in tree.items():
+        (tmp_path / "repo" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / rel).write_text(text)
+    corpus = str(tmp_path / "repo" / "**" / "*.txt")
+    tok = Tokenizer.load(stdlib_tokenizer_dir())
+    by_file = run(corpus, tmp_path / "files", val_fraction=0.0)
+    assert by_file["documents"] == 5 and by_file["group_by"] == "file"  # the default
+    rc = main(["prepare", "--corpus", corpus, "--tokenizer", str(stdlib_tokenizer_dir()), "--out",
+               str(tmp_path / "dirs"), "--val-fraction", "0", "--group-by", "directory"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((tmp_path / "dirs" / "manifest.json").read_text())
+    assert m["documents"] == 4 and m["group_by"] == "directory"
+    # Directories sorted, files in path order inside each, each after its header line, the
+    # text exactly as stored (no newline added after a file that lacks one).
+    want = [
+        "=== README.txt ===\ntop level\n",
+        "=== docs/z.txt ===\nzeta \u00e9\n",
+        "=== src/a.txt ===\nalpha\n=== src/b.txt ===\nbeta, no final newline",
+        "=== src/sub/c.txt ===\ngamma\n  indented\n",
+    ]
+    assert [tok.decode(d.tolist()) for d in documents(tmp_path / "dirs")] == want
+    assert (
+        group_text([("src/a.txt", "alpha\n"), ("src/b.txt", "beta, no final newline")]) == want[2]
+    )
+    assert file_header("src/a.txt") == "=== src/a.txt ===\n"
+    capsys.readouterr()
+    with pytest.raises(
+        LongtrainError, match=r"--group-by directory: --corpus .*c.jsonl holds jsonl"
+    ):
+        run(
+            write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}]), tmp_path / "o", group_by="directory"
+        )
+    with pytest.raises(LongtrainError, match=r"--group-by directory with --txt-per-line"):
+        run(corpus, tmp_path / "o2", group_by="directory", txt_per_line=True)
+    with pytest.raises(LongtrainError, match=r"--group-by folder: choose one of file, directory"):
+        run(corpus, tmp_path / "o3", group_by="folder")
+
+
+def test_min_doc_tokens_and_document_length_distribution(tmp_path: Path, capsys) -> None:
+    tok = Tokenizer.load(stdlib_tokenizer_dir())
+    rows = list(small_rows()[:60])
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    lengths = np.array([len(tok.encode(r["text"])) for r in rows])
+    n = int(np.median(lengths))
+    kept = lengths >= n
+    assert 0 < kept.sum() < len(rows)
+    everything = run(corpus, tmp_path / "all", val_fraction=0.2)
+    assert everything["dropped_short"] == 0 and everything["documents"] == len(rows)
+    capsys.readouterr()
+    m = run(corpus, tmp_path / "long", val_fraction=0.2, min_doc_tokens=n, shard_tokens=30_000)
+    assert m["min_doc_tokens"] == n and m["dropped_short"] == int((~kept).sum())
+    assert m["documents"] == int(kept.sum())
+    printed = capsys.readouterr().out
+    for split in ("train", "val"):
+        got = np.array([len(d) for d in documents(tmp_path / "long", split)])
+        assert len(got) and got.min() >= n
+        want = [int(v) for v in np.percentile(got, [50, 90], method="lower")]
+        st = m["splits"][split]["doc_lengths"]
+        assert st == {"count": len(got), "p50": want[0], "p90": want[1], "max": int(got.max())}
+        assert (
+            f"{split}:" in printed
+            and f"p50 {st['p50']}, p90 {st['p90']}, max {st['max']}" in printed
+        )
+    # Exactly the documents of >= n tokens, in corpus order, in the split they had anyway.
+    for split in ("train", "val"):
+        want_docs = [d.tolist() for d in documents(tmp_path / "all", split) if len(d) >= n]
+        assert [d.tolist() for d in documents(tmp_path / "long", split)] == want_docs
+    with pytest.raises(LongtrainError, match=rf"min_doc_tokens {n} -> {n + 1}.*--overwrite"):
+        run(corpus, tmp_path / "long", val_fraction=0.2, min_doc_tokens=n + 1, shard_tokens=30_000)
+    with pytest.raises(
+        LongtrainError, match=r"no documents left .*60 shorter than --min-doc-tokens"
+    ):
+        run(corpus, tmp_path / "none", val_fraction=0.2, min_doc_tokens=10**9)
+    with pytest.raises(LongtrainError, match="--min-doc-tokens -1: must be 0 or more"):
+        run(corpus, tmp_path / "neg", min_doc_tokens=-1)
+
+
+@pytest.mark.slow
+def test_stdlib_grouped_by_directory_gives_long_documents(tmp_path: Path) -> None:
+    tok = Tokenizer.load(stdlib_tokenizer_dir())
+    m = prepare(
+        CorpusSpec("stdlib", group_by="directory"),
+        stdlib_tokenizer_dir(),
+        tmp_path / "dirs",
+        workers=2,
+        val_fraction=0.05,
+        shard_tokens=3_000_000,
+        progress=False,
+    )
+    by_file = sum(1 for _, text in stdlib_docs() if text.strip())
+    longest = max(m["splits"][s]["doc_lengths"]["max"] for s in ("train", "val"))
+    print(f"stdlib: {by_file} documents by file, {m['documents']} by directory, longest {longest}")
+    assert m["documents"] * 5 <= by_file and longest >= 200_000
+    # One real directory document decodes to its files, each after its header, exactly.
+    texts = dict(stdlib_docs())
+    files = sorted(k for k in texts if k.startswith("json/") and k.count("/") == 1)
+    want = group_text((f, texts[f]) for f in files)
+    assert len(files) >= 4 and any(
+        tok.decode(d.tolist()) == want for d in documents(tmp_path / "dirs")
+    )

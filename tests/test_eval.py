@@ -20,7 +20,8 @@ from longtrain.data.passkey import (
 )
 from longtrain.launch.cli import main as cli_main
 from longtrain.model.errors import LongtrainError
-from longtrain.train.evaluate import PositionBuckets, eval_passkey, predict_answer
+from longtrain.train.eval.passkey import eval_passkey, predict_answer
+from longtrain.train.eval.ppl import PositionBuckets
 
 
 class CharTokenizer:
@@ -136,8 +137,8 @@ def test_passkey_scored_only_on_the_key_tokens() -> None:
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tokenizer and prepared data from a small synthetic corpus, and a debug-sized model."""
     from longtrain.model.config import get_flavor
-    from longtrain.model.hf import save_model_dir
     from longtrain.model.transformer import Transformer
+    from longtrain.train.export import save_model_dir
 
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "corpus"

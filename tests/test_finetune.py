@@ -18,9 +18,7 @@ import pytest
 import torch
 import yaml
 
-from longtrain.data.corpus import CorpusSpec, iter_texts, stdlib_files
-from longtrain.data.prepare import prepare
-from longtrain.data.tokenizer import Tokenizer, train_tokenizer
+from longtrain.data.tokenizer import Tokenizer
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
 TIMEOUT = 420
@@ -34,32 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tokenizer (vocab 512) + prepared LM data (~1.4M tokens of stdlib code) + SFT data."""
-    root = tmp_path_factory.mktemp("ft")
-    corp = root / "corpus"
-    corp.mkdir()
-    for f in [f for f in stdlib_files() if f.stat().st_size > 20000][:60]:
-        (corp / f"{f.parent.name}_{f.name}.txt").write_text(f.read_text(errors="replace"))
-    docs = list(iter_texts(CorpusSpec(str(corp / "*.txt"))))
-    train_tokenizer(docs, root / "tok", vocab_size=512, sample_mb=1, progress=False)
-    prepare(CorpusSpec(str(corp / "*.txt")), root / "tok", root / "data", workers=1,
-            val_fraction=0.1, progress=False)  # fmt: skip
-    rng = random.Random(0)
-    with open(root / "chat.jsonl", "w") as f:
-        for i in range(400):
-            a, b = rng.randint(0, 50), rng.randint(0, 50)
-            msgs = [{"role": "user", "content": f"add {a} and {b}"},
-                    {"role": "assistant", "content": f"return {a + b}"}]  # fmt: skip
-            if i % 3 == 0:
-                msgs.insert(0, {"role": "system", "content": "def calc(x):"})
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    prepare(CorpusSpec(str(root / "chat.jsonl")), root / "tok", root / "sft", workers=1,
-            val_fraction=0.1, sft=True, progress=False)  # fmt: skip
-    return root
 
 
 def finetune(cfg: dict, overrides: list[str] = (), env: dict | None = None, check: bool = True):
@@ -166,9 +138,9 @@ def test_lora_sft_from_hf_only_adapters_change_and_merged_export_matches(
 
     from longtrain.launch.cli import main as cli
     from longtrain.model.config import get_flavor
-    from longtrain.model.hf import save_hf
     from longtrain.model.lora import LoRAConfig, apply_lora
     from longtrain.model.transformer import Transformer
+    from longtrain.train.export import save_hf
 
     torch.manual_seed(0)
     cfg = get_flavor("debug", **SHAPE, vocab_size=512, max_seq_len=128)
@@ -189,9 +161,9 @@ def test_lora_sft_from_hf_only_adapters_change_and_merged_export_matches(
     )
     rows = [r for r in metrics(run) if "loss" in r]
     assert len(rows) == 5 and all(np.isfinite(r["loss"]) for r in rows)
-    from longtrain.model.hf import load_hf
+    from longtrain.train.artifacts import open_artifact
 
-    init_sd = load_hf(init_dir, attention="sdpa").state_dict()
+    init_sd = open_artifact(init_dir).model(attention="sdpa").state_dict()
     final = load_state(run / "final")
     adapters = {k for k in final if k.endswith((".lora_a", ".lora_b"))}
     assert len(adapters) == 2 * 3 * cfg.n_layers
@@ -277,8 +249,9 @@ def test_classification_learns_far_token_and_hf_export_matches(
 
     from longtrain.data.classify import ClassifyData
     from longtrain.launch.cli import main as cli
+    from longtrain.model.config import ModelConfig
     from longtrain.model.heads import TransformerForClassification, last_token_logits
-    from longtrain.model.hf import MODEL_CONFIG_FILE, ModelConfig
+    from longtrain.train.files import MODEL_CONFIG as MODEL_CONFIG_FILE
 
     run, data = cls_run
     evals = [r for r in metrics(run) if "val_acc" in r]
@@ -319,12 +292,24 @@ def test_classification_learns_far_token_and_hf_export_matches(
 # ---- context extension ------------------------------------------------------------------------
 
 
+def position_bucket_losses(
+    model: torch.nn.Module, data: Path, seq_len: int, bucket: int, max_windows: int
+) -> list[tuple[int, int, float]]:
+    """``[(lo, hi, mean loss)]`` per position bucket over the first validation windows."""
+    from longtrain.data.loader import validation_batches
+    from longtrain.train.eval.ppl import eval_ppl
+
+    batches = validation_batches(data, seq_len, attention="causal", max_batches=max_windows)
+    res = eval_ppl(model, batches, seq_len, bucket, torch.device("cpu"), progress=False)
+    return [(r["start"], min(r["end"], seq_len), r["loss"]) for r in res["buckets"]]
+
+
 def pretrain_short(work: Path, out: Path, seq_len: int, steps: int) -> None:
     """A plain PyTorch pretraining loop at ``seq_len`` (the 'starting checkpoint')."""
     from longtrain.data.loader import DistributedLoader
     from longtrain.model.config import get_flavor
-    from longtrain.model.hf import save_model_dir
     from longtrain.model.transformer import Transformer
+    from longtrain.train.export import save_model_dir
 
     torch.manual_seed(0)
     cfg = get_flavor("debug", **SHAPE, vocab_size=512, max_seq_len=seq_len)
@@ -344,8 +329,7 @@ def test_context_extension_yarn_lowers_loss_beyond_training_length(
     work: Path, tmp_path: Path
 ) -> None:
     from longtrain.launch.cli import main as cli
-    from longtrain.model.hf import load_model_dir
-    from longtrain.train.finetune import position_bucket_losses
+    from longtrain.train.artifacts import open_artifact
 
     start = tmp_path / "ckpt256"
     pretrain_short(work, start, 256, 60)
@@ -360,9 +344,9 @@ def test_context_extension_yarn_lowers_loss_beyond_training_length(
             train={"steps": 10, "micro_batch": 2, "lr": 1e-3, "warmup": 2},
         )
     )
-    m0 = load_model_dir(start, attention="sdpa")
+    m0 = open_artifact(start).model(attention="sdpa")
     m0.cfg.max_seq_len = 1024  # same weights and RoPE, evaluated past its training length
-    m1 = load_model_dir(run / "final", attention="sdpa")
+    m1 = open_artifact(run / "final").model(attention="sdpa")
     assert m1.cfg.rope_scaling is not None and m1.cfg.rope_scaling.type == "yarn"
     before = position_bucket_losses(m0, work / "data", 1024, 256, max_windows=6)
     after = position_bucket_losses(m1, work / "data", 1024, 256, max_windows=6)
@@ -386,7 +370,7 @@ def test_context_extension_yarn_lowers_loss_beyond_training_length(
 
 
 def test_staged_loader_continues_without_repeats(work: Path) -> None:
-    from longtrain.train.curriculum import StagedLoader
+    from longtrain.data.curriculum import StagedLoader
 
     def covered(loader: StagedLoader, steps: int) -> list[tuple[int, int]]:
         out = []
@@ -448,7 +432,7 @@ def test_staged_run_interrupted_in_stage2_equals_uninterrupted(
         return staged_cfg(work, run, STAGES)
 
     full, cut = staged_full, tmp_path / "cut"
-    p = finetune(cfg(cut), env={"LONGTRAIN_FT_CRASH_AFTER_STEP": "5"}, check=False)
+    p = finetune(cfg(cut), env={"LONGTRAIN_CRASH_AFTER_STEP": "5"}, check=False)
     assert p.returncode == 17, p.stderr[-2000:]
     done = sorted(x.name for x in (cut / "checkpoints").glob("step_*") if (x / "COMMIT").is_file())
     assert done[-1] == "step_00000004", (
@@ -469,10 +453,11 @@ def test_staged_run_interrupted_in_stage2_equals_uninterrupted(
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"final weights: max abs diff {worst:.2e}")
     assert worst <= 1e-6
-    from longtrain.train.checkpoint import find_latest, read_client_state
+    from longtrain.train.checkpoint import client_parts
+    from longtrain.train.files import find_latest, read_client_state
 
-    sa, sb = (read_client_state(find_latest(r)) for r in (full, cut))
-    assert sa["loader"] == sb["loader"] and sa["step"] == sb["step"] == 7
+    sa, sb = (client_parts(read_client_state(find_latest(r))) for r in (full, cut))
+    assert sa["loader"] == sb["loader"] and sa["progress"]["step"] == sb["progress"]["step"] == 7
     # The RNG a resumed stage continues with is the checkpoint's, not whatever start-up drew.
     ra, rb = (
         torch.load(find_latest(r) / "rng_state_rank00000.pt", weights_only=True)
@@ -527,15 +512,15 @@ def test_staged_run_changes_sp_and_dp_between_stages(
 
 
 def test_presets_parse_and_validate() -> None:
-    from longtrain.train.config import load_job
-    from longtrain.train.finetune_config import check_finetune, resolve_stages
+    from longtrain.train.config import check_command, load_job
+    from longtrain.train.stages import resolve_stages
 
     root = Path(__file__).resolve().parents[1] / "launch" / "configs"
     sft = load_job(root / "sft.yaml")
-    check_finetune(sft)
+    check_command(sft, "finetune")
     assert sft.finetune.lora.rank > 0 and sft.finetune.early_stopping.patience > 0
     ctx = load_job(root / "context-extension.yaml")
-    check_finetune(ctx)
+    check_command(ctx, "finetune")
     stages = resolve_stages(ctx)
     assert [s.seq_len for s in stages] == [32768, 131072]
     assert all(s.rope_scaling["type"] == "yarn" for s in stages)
@@ -606,7 +591,7 @@ def test_classify_sp2_zero3_matches_and_early_stopping_keeps_best(
         ("finetune.task=regress", "finetune.task must be one of"),
         ("finetune.lora.targets=[wz]", "lora.targets has unknown module names"),
         ("model.overrides.dim=128", "model.overrides.dim: the shape comes from model.init"),
-        ("data.tokenizer=TOK2", "differs from the tokenizer data.dir"),
+        ("data.tokenizer=TOK2", "differs from the tokenizer of the data in data.dir"),
     ],
 )
 def test_bad_finetune_config_fails_with_one_line(
@@ -614,8 +599,8 @@ def test_bad_finetune_config_fails_with_one_line(
 ) -> None:
     from longtrain.launch.cli import main as cli
     from longtrain.model.config import get_flavor
-    from longtrain.model.hf import save_model_dir
     from longtrain.model.transformer import Transformer
+    from longtrain.train.export import save_model_dir
 
     init = tmp_path / "init"
     save_model_dir(Transformer(get_flavor("debug", **SHAPE, vocab_size=512)), init)

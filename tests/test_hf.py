@@ -10,15 +10,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longtrain.launch.cli import main
 from longtrain.model.config import get_flavor
-from longtrain.model.hf import (
-    config_from_hf,
-    config_to_hf,
-    load_hf,
-    save_hf,
-    save_model_dir,
-    state_dict_to_hf,
-)
+from longtrain.model.hf import config_from_hf, config_to_hf, state_dict_to_hf
 from longtrain.model.transformer import Transformer
+from longtrain.train.artifacts import open_artifact
+from longtrain.train.export import save_hf, save_model_dir
 
 ORIG = 256  # "pretraining" context of the rope-scaling cases; they are evaluated at 4x that
 ROPE = {
@@ -207,7 +202,7 @@ def test_sharded_export_and_generation_config(tmp_path) -> None:
     assert all(s.stat().st_size < 30_000 + 64 * 97 * 4 for s in shards)  # one tensor may overflow
     assert (tmp_path / "generation_config.json").is_file()
     assert _max_diff(m, _hf_from_dir(tmp_path), 32) <= 1e-4
-    back = load_hf(tmp_path)
+    back = open_artifact(tmp_path).model()
     for (k, v), (k2, v2) in zip(m.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
 

@@ -79,7 +79,9 @@ def test_merge_matches_unmerged() -> None:
 
 def test_bad_lora_config() -> None:
     with pytest.raises(LongtrainError, match="lora.rank"):
-        LoRAConfig(rank=0)
+        LoRAConfig(rank=-1)
+    with pytest.raises(LongtrainError, match="lora.rank=0"):
+        apply_lora(nn.Sequential(nn.Linear(2, 2)), LoRAConfig(rank=0))
     with pytest.raises(LongtrainError, match="lora.targets"):
         LoRAConfig(targets=("q_proj",))
     with pytest.raises(LongtrainError, match="matched no nn.Linear"):

@@ -122,7 +122,7 @@ def test_deepspeed_config_follows_the_job() -> None:
             "parallel.offload_params=true",
         ],
     )
-    cpu = deepspeed_config(job, topo, torch.device("cpu"))
+    cpu = deepspeed_config(job, topo.world_size, torch.device("cpu"))
     assert cpu["train_micro_batch_size_per_gpu"] == 2 and cpu["gradient_accumulation_steps"] == 3
     # DeepSpeed sees all 8 ranks as data parallel (SP is applied by longtrain, see parallel.py).
     assert cpu["train_batch_size"] == 2 * 3 * 8
@@ -130,13 +130,13 @@ def test_deepspeed_config_follows_the_job() -> None:
     assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "bf16" not in cpu and cpu["optimizer"]["params"]["torch_adam"] is True
-    gpu = deepspeed_config(job, topo, torch.device("cuda"))
+    gpu = deepspeed_config(job, topo.world_size, torch.device("cuda"))
     assert gpu["bf16"]["enabled"] is True
     # Offloaded: DeepSpeed's CPU Adam where it can be built (tests/test_eval_sp.py covers the rule).
     assert gpu["optimizer"]["params"]["torch_adam"] is not deepspeed_adam(True)
     # Without offload a GPU run uses torch's AdamW (no JIT-compiled DeepSpeed op needed).
     job.parallel.offload_optimizer = job.parallel.offload_params = False
-    gpu = deepspeed_config(job, topo, torch.device("cuda"))
+    gpu = deepspeed_config(job, topo.world_size, torch.device("cuda"))
     assert gpu["optimizer"]["params"]["torch_adam"] is True
     assert "offload_param" not in gpu["zero_optimization"]
 

@@ -229,7 +229,7 @@ def test_two_node_torchrun_resume_nan_stop_and_export(data_dir: Path, tmp_path: 
     errors = [ln for ln in logs.splitlines() if "longtrain pretrain: error:" in ln]
     assert len(errors) == 1, errors  # printed once (rank 0), not once per rank
     assert "NaN/Inf for 2 steps in a row" in errors[0] and "step_00000003" in errors[0]
-    from longtrain.train.checkpoint import find_latest
+    from longtrain.train.files import find_latest
 
     assert find_latest(run) == ckpt  # the last good checkpoint is intact and still the latest
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -245,7 +245,7 @@ def test_two_node_torchrun_resume_nan_stop_and_export(data_dir: Path, tmp_path: 
 
     from longtrain.model.config import ModelConfig
     from longtrain.model.transformer import Transformer
-    from longtrain.train.checkpoint import consolidate_state_dict
+    from longtrain.train.reshard import consolidate_state_dict
 
     cfg = ModelConfig.from_dict(json.loads((ckpt / "model_config.json").read_text()))
     ours = Transformer(cfg, attention="sdpa")

@@ -148,7 +148,7 @@ def run_ds(scn: dict[str, Any], topo_cache: dict[int, Any], stream: Any) -> dict
         topo_cache[sp] = build_topology(sp)
     topo = topo_cache[sp]
     device = torch.device("cpu")
-    ds_config = eng.deepspeed_config(job, topo, device)
+    ds_config = eng.deepspeed_config(job, topo.world_size, device)
     model = eng.build_model(job, cfg, topo, ds_config, device)
     engine = eng.initialize_engine(job, model, topo, ds_config)
     losses, norms, grads, params0, pnorms = [], [], None, None, []
@@ -240,9 +240,9 @@ def worker(out_dir: str, which: str) -> None:
     from longtrain.train.parallel import init_distributed
 
     rank, world, _ = init_distributed(timeout_s=120)
-    from longtrain.train.trainer import _quiet_deepspeed
+    from longtrain.train.trainer import quiet_libraries
 
-    _quiet_deepspeed(rank)
+    quiet_libraries(rank)
     stream = make_stream()
     topo_cache: dict[int, Any] = {}
     if which == "world2":

@@ -1,22 +1,16 @@
 """Sharded training checkpoints you can trust: atomic commit, integrity, exact resume.
 
-Layout of one run (``run_dir/checkpoints/``)::
+:class:`CheckpointManager` is the one place a run's state is saved and restored: the DeepSpeed
+engine (weights, optimizer, ZeRO shards), every Stateful part of the trainer (progress, data
+loader, curriculum position, early stopping: each with ``state_dict``/``load_state_dict``),
+and each rank's RNG. The file layout is in ``longtrain.train.files``.
 
-    step_00000100/                      # one checkpoint; complete only once COMMIT exists
-        mp_rank_00_model_states.pt      # DeepSpeed's files (engine.save_checkpoint(root, tag))
-        zero_pp_rank_R_mp_rank_00_optim_states.pt
-        client_state.json               # ours: trainer state (loader, step, config, tokenizer hash)
-        rng_state_rankRRRRR.pt          # ours: python/numpy/torch RNG of each rank (weights_only)
-        model_config.json               # ours: ModelConfig.to_dict()
-        COMMIT                          # JSON: every file above with size + sha256, written last
-    latest                              # "step_00000100", moved (os.replace) only after COMMIT
-    universal/step_00000100/            # DeepSpeed universal checkpoint, made when resharding
-
-The commit protocol: every rank writes its files, hashes them and drops a marker in
-``.pending/``; after a barrier rank 0 gathers the markers into ``COMMIT`` (tmp + fsync +
-os.replace), and only then moves ``latest`` and prunes old checkpoints. A process killed at
-any point leaves either a directory without ``COMMIT`` (ignored by :func:`find_latest`, which
-says so) or a complete checkpoint. DeepSpeed's own ``latest`` file is never written or read.
+The commit protocol (:func:`save_checkpoint`): every rank writes its files, hashes them and
+drops a marker in ``.pending/``; after a barrier rank 0 gathers the markers into ``COMMIT``
+(tmp + fsync + os.replace), and only then moves ``latest`` and prunes old checkpoints. A
+process killed at any point leaves either a directory without ``COMMIT`` (ignored by
+``find_latest``, which says so) or a complete checkpoint. DeepSpeed's own ``latest`` file is
+never written or read.
 
 Trust model: DeepSpeed's loader unpickles with ``weights_only=False``, so :func:`load_checkpoint`
 checks every file against ``COMMIT`` (size, sha256, no unlisted files) before anything is
@@ -27,83 +21,63 @@ loadable with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
-import logging
 import os
 import random
-import re
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from longtrain.model.errors import LongtrainError
-from longtrain.train.preempt import PreemptionHandler
-from longtrain.train.reshard import consolidate_state_dict, ensure_universal, iter_state_dict
+from longtrain.train.files import (
+    CHECKPOINTS,
+    CLIENT_STATE,
+    COMMIT,
+    FORMAT_VERSION,
+    LATEST,
+    MODEL_CONFIG,
+    PENDING,
+    RNG_STATE,
+    UNIVERSAL,
+    atomic_write_text,
+    hash_file,
+    is_committed,
+    list_checkpoints,
+    log,
+    rank_world,
+    read_client_state,
+    resolve_checkpoint,
+    step_dirname,
+    verify_checkpoint,
+)
+from longtrain.train.reshard import ensure_universal
 
-__all__ = [
-    "PreemptionHandler",
-    "consolidate_state_dict",
-    "iter_state_dict",
-    "save_checkpoint",
-    "wait_for_pending_save",
-    "find_latest",
-    "list_checkpoints",
-    "resolve_checkpoint",
-    "verify_checkpoint",
-    "verify_collectively",
-    "check_compatible",
-    "load_checkpoint",
-    "read_client_state",
-    "restore_rng_state",
-]
-
-log = logging.getLogger(__name__)
-
-
-class _Rank0Filter(logging.Filter):
-    """Job-level notices are the same on every rank: print them once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _rank_world()[0] == 0 or getattr(record, "every_rank", False)
-
-
-log.addFilter(_Rank0Filter())
-
-CHECKPOINTS = "checkpoints"
-COMMIT = "COMMIT"
-LATEST = "latest"
-PENDING = ".pending"
-CLIENT_STATE = "client_state.json"
-MODEL_CONFIG = "model_config.json"
-RNG_STATE = "rng_state_rank{rank:05d}.pt"
-FORMAT_VERSION = 1
-_STEP_RE = re.compile(r"^step_(\d{8})$")
 # Fault injection for tests: LONGTRAIN_CKPT_FAULT="<point>:<rank>:<step>" SIGKILLs that rank at
 # that point of the save of that step (points: after_rank_files, before_commit, after_commit).
-_FAULT_ENV = "LONGTRAIN_CKPT_FAULT"
+FAULT_ENV = "LONGTRAIN_CKPT_FAULT"
 
 
-# ----------------------------------------------------------------------------- small helpers
+class Stateful(Protocol):
+    """A part of the trainer whose position a checkpoint records (torch.distributed.checkpoint's
+    protocol, with JSON-serialisable dicts)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _fault_point(name: str, rank: int, step: int) -> None:
     """SIGKILL this process here when the fault-injection variable names this point."""
-    if os.environ.get(_FAULT_ENV) == f"{name}:{rank}:{step}":
+    if os.environ.get(FAULT_ENV) == f"{name}:{rank}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -111,165 +85,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _hash_file(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file, after making its bytes durable (the commit vouches for them)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def step_dirname(step: int) -> str:
-    """``step_00000042``: eight digits so that names sort like steps."""
-    return f"step_{int(step):08d}"
-
-
-def is_committed(path: str | Path) -> bool:
-    """True when ``path`` holds a readable commit marker (the checkpoint is complete)."""
-    try:
-        json.loads((Path(path) / COMMIT).read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """``(step, path, committed)`` for every ``step_XXXXXXXX`` directory, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p, is_committed(p)))
-    return sorted(out)
-
-
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest committed checkpoint of a run, or None; logs every incomplete one it skips.
-
-    The commit marker is the truth: a newer committed directory wins even if a kill between
-    the commit and the ``latest`` move left the pointer behind (that is logged too).
-    """
-    ckpts = list_checkpoints(run_dir)
-    found: Path | None = None
-    for _step, path, committed in reversed(ckpts):
-        if committed:
-            found = path
-            break
-        log.warning(
-            "checkpoint %s is incomplete (no %s marker: its save was interrupted); skipping it",
-            path,
-            COMMIT,
-        )
-    if found is None:
-        return None
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
-    named = pointer.read_text().strip() if pointer.is_file() else None
-    if named != found.name:
-        log.warning(
-            "'%s' names %s, but the newest committed checkpoint is %s", pointer, named, found.name
-        )
-    skipped = [p.name for s, p, c in ckpts if not c and s > int(found.name[5:])]
-    if skipped:
-        log.warning(
-            "resuming from the previous complete checkpoint %s (skipped %s)", found, skipped
-        )
-    return found
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from either a checkpoint directory or a run directory."""
-    p = Path(path)
-    if (p / COMMIT).exists():
-        return p
-    if (p / CHECKPOINTS).is_dir():
-        latest = find_latest(p)
-        if latest is None:
-            raise LongtrainError(
-                f"{p}: run directory has no committed checkpoint under {CHECKPOINTS}/"
-            )
-        return latest
-    if _STEP_RE.match(p.name) and p.is_dir():
-        raise LongtrainError(
-            f"{p}: checkpoint is incomplete (no {COMMIT} marker; its save was interrupted): "
-            "use the previous checkpoint or the run directory"
-        )
-    raise LongtrainError(
-        f"{p}: not a checkpoint or run directory (expected {COMMIT} or {CHECKPOINTS}/)"
-    )
-
-
-# ----------------------------------------------------------------------------- integrity
-
-
-def verify_checkpoint(path: str | Path, part: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Check every file of a checkpoint against its COMMIT marker; returns the marker.
-
-    Raises LongtrainError naming the file when one is missing, truncated (size), altered
-    (sha256) or not listed. Runs before anything in the directory is unpickled. With
-    ``part=(i, n)`` only every n-th file's hash is checked (sizes and the listing always are),
-    so that n ranks share the reading; see :func:`verify_collectively`.
-    """
-    path = Path(path)
-    try:
-        marker = json.loads((path / COMMIT).read_text())
-        files: dict[str, dict[str, Any]] = marker["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LongtrainError(
-            f"{path / COMMIT}: missing or unreadable commit marker ({e})"
-        ) from None
-    for i, (rel, want) in enumerate(sorted(files.items())):
-        f = path / rel
-        if not f.is_file():
-            raise LongtrainError(f"{f}: listed in {COMMIT} but missing; the checkpoint is damaged")
-        size = f.stat().st_size
-        if size != want["size"]:
-            raise LongtrainError(
-                f"{f}: size {size} bytes, {COMMIT} says {want['size']} (truncated or altered); "
-                "resume from another checkpoint"
-            )
-        if part is not None and i % part[1] != part[0]:
-            continue
-        if _hash_file(f)["sha256"] != want["sha256"]:
-            raise LongtrainError(
-                f"{f}: sha256 differs from {COMMIT} (altered or corrupt); resume from another checkpoint"
-            )
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path).as_posix()
-        if f.is_file() and rel != COMMIT and rel not in files:
-            raise LongtrainError(
-                f"{f}: file not listed in {COMMIT}; remove it or use another checkpoint"
-            )
-    return marker
-
-
 def verify_collectively(path: str | Path) -> None:
-    """:func:`verify_checkpoint` with the hashing split across the ranks (each file is read
-    once in total); every rank raises the first failure any rank found. Collective."""
-    rank, world = _rank_world()
+    """``verify_checkpoint`` with the hashing split across the ranks (each file is read once
+    in total); every rank raises the first failure any rank found. Collective."""
+    rank, world = rank_world()
     err: str | None = None
     try:
         verify_checkpoint(path, (rank, world))
@@ -281,11 +100,6 @@ def verify_collectively(path: str | Path) -> None:
         err = next((e for e in errs if e), None)
     if err:
         raise LongtrainError(err)
-
-
-def read_client_state(path: str | Path) -> dict[str, Any]:
-    """The trainer's client state of a checkpoint (JSON; no verification, nothing unpickled)."""
-    return json.loads((Path(path) / CLIENT_STATE).read_text())
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:
@@ -340,7 +154,9 @@ def _rng_snapshot() -> dict[str, Any]:
             "cached": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # Only this rank's own device: under srun each task may see one GPU, under torchrun
+        # all of them, and a rank only ever draws on the device it trains on.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
     return snap
 
@@ -359,9 +175,16 @@ def _rng_restore(snap: dict[str, Any]) -> None:
         )
     )
     torch.set_rng_state(snap["torch"])
-    if snap.get("cuda") is not None and torch.cuda.is_available():
-        if len(snap["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(snap["cuda"])
+    cuda = snap.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # format 1 saved every visible device's state
+            cuda = (
+                cuda[torch.cuda.current_device()]
+                if len(cuda) > torch.cuda.current_device()
+                else None
+            )
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # ----------------------------------------------------------------------------- save
@@ -400,8 +223,6 @@ def _snapshot(obj: Any) -> Any:
         return type(obj)(_snapshot(v) for v in obj)
     if isinstance(obj, (int, float, str, bool, bytes, type(None))):
         return obj
-    import copy
-
     return copy.deepcopy(obj)
 
 
@@ -428,11 +249,13 @@ def save_checkpoint(
     keep: int,
     async_save: bool = False,
     commit_timeout_s: float = 1800.0,
+    extra_files: dict[str, dict] | None = None,
 ) -> Path:
     """Save a sharded checkpoint of ``engine`` at ``step``; every rank must call this.
 
     ``client_state`` (JSON-serialisable: loader state, step, resolved config, tokenizer hash)
-    is written by rank 0; RNG states are saved per rank here. With ``async_save`` the state is
+    is written by rank 0, with ``model_config`` and ``extra_files`` (name -> JSON object, e.g.
+    ``lora_config.json``); RNG states are saved per rank here. With ``async_save`` the state is
     copied to CPU memory now and written, hashed and committed by a background thread while
     training goes on (no collectives run in that thread; ranks meet through marker files).
     Returns the checkpoint directory (complete once :func:`wait_for_pending_save` returns).
@@ -448,7 +271,7 @@ def save_checkpoint(
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = Path(run_dir) / CHECKPOINTS
     tag = step_dirname(step)
     path = root / tag
@@ -498,10 +321,13 @@ def save_checkpoint(
             (path / CLIENT_STATE).write_text(state_text)
             (path / MODEL_CONFIG).write_text(json.dumps(model_config, sort_keys=True, indent=1))
             mine += [path / CLIENT_STATE, path / MODEL_CONFIG]
+            for name, obj in (extra_files or {}).items():
+                (path / name).write_text(json.dumps(obj, sort_keys=True, indent=1))
+                mine.append(path / name)
         _fault_point("after_rank_files", rank, step)
-        entries = {p.relative_to(path).as_posix(): _hash_file(p) for p in mine}
+        entries = {p.relative_to(path).as_posix(): hash_file(p) for p in mine}
         (path / PENDING).mkdir(exist_ok=True)
-        _atomic_write_text(path / PENDING / f"rank_{rank:05d}.json", json.dumps(entries))
+        atomic_write_text(path / PENDING / f"rank_{rank:05d}.json", json.dumps(entries))
 
     def commit(wait_s: float) -> None:
         files: dict[str, Any] = {}
@@ -518,9 +344,9 @@ def save_checkpoint(
         _fault_point("before_commit", rank, step)
         shutil.rmtree(path / PENDING)
         body = {"format": FORMAT_VERSION, "step": int(step), "world_size": world, "files": files}
-        _atomic_write_text(path / COMMIT, json.dumps(body, sort_keys=True, indent=1))
+        atomic_write_text(path / COMMIT, json.dumps(body, sort_keys=True, indent=1))
         _fault_point("after_commit", rank, step)
-        _atomic_write_text(root / LATEST, tag + "\n")
+        atomic_write_text(root / LATEST, tag + "\n")
         _prune(run_dir, keep)
 
     if not async_save:
@@ -557,7 +383,7 @@ def _prune(run_dir: str | Path, keep: int) -> None:
         log.info("keep=%d: deleting old checkpoint %s", keep, p)
         (p / COMMIT).unlink()
         shutil.rmtree(p, ignore_errors=True)
-        shutil.rmtree(p.parent / "universal" / p.name, ignore_errors=True)
+        shutil.rmtree(p.parent / UNIVERSAL / p.name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
@@ -580,7 +406,7 @@ def load_checkpoint(
     DeepSpeed's universal format (rank 0 converts, the others wait) and loaded from there.
     """
     path = resolve_checkpoint(path)
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     verify_collectively(path)
     check_compatible(path, model_config, tokenizer_hash)
     state = read_client_state(path)
@@ -626,7 +452,7 @@ def restore_rng_state(path: str | Path) -> None:
     loading and its first step (a benchmark, a warm-up) should load with ``restore_rng=False``
     and call this right before the first step, so that the RNG continues exactly.
     """
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     rng_file = Path(path) / RNG_STATE.format(rank=rank)
     if not rng_file.is_file():
         log.warning(
@@ -655,3 +481,105 @@ def plan_resume(saved: dict, zero_stage: int, zero_partitions: int, path: str | 
     if s_parts == zero_partitions or zero_stage == 0:
         return False  # stage 0 keeps full replicas: any DP size reads them as they are
     return True
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+def client_parts(state: dict[str, Any]) -> dict[str, Any]:
+    """The Stateful parts' states of a client state, from either format.
+
+    Format 1 (earlier checkpoints) kept the trainer's fields flat; they map onto the parts of
+    format 2 so such checkpoints still resume.
+    """
+    if "parts" in state:
+        return dict(state["parts"])
+    return {
+        "progress": {
+            "step": int(state.get("step", 0)),
+            "tokens_seen": int(state.get("tokens_seen", 0)),
+        },
+        "loader": state.get("loader"),
+        "early_stop": state.get("early_stop"),
+    }
+
+
+class CheckpointManager:
+    """Saves and restores a run: the engine, its Stateful parts and each rank's RNG.
+
+    ``parts`` maps a name to an object with ``state_dict``/``load_state_dict``; the manager
+    builds the client state from them (nothing else writes it), adds what resuming checks
+    (the resolved job, the tokenizer hash, the world it was saved with) and hands the files
+    to :func:`save_checkpoint`'s commit protocol.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        job: dict[str, Any],
+        tokenizer_hash: str | None,
+        keep: int,
+        async_save: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.job, self.tokenizer_hash = job, tokenizer_hash
+        self.keep, self.async_save = keep, async_save
+        self.meta = dict(meta or {})
+        """Fixed JSON fields every client state carries (e.g. the task head's pad id)."""
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        parts: dict[str, Stateful],
+        model_config: dict[str, Any],
+        extra_files: dict[str, dict] | None = None,
+    ) -> Path:
+        """Commit a checkpoint of ``engine`` and every part at ``step`` (collective)."""
+        _, world = rank_world()
+        state = {
+            "parts": {name: part.state_dict() for name, part in parts.items()},
+            "config": self.job,
+            "tokenizer_hash": self.tokenizer_hash,
+            "world_size": world,
+            **self.meta,
+        }
+        wait_for_pending_save()  # an async save in flight commits before the next one
+        return save_checkpoint(
+            engine,
+            self.run_dir,
+            step,
+            state,
+            model_config,
+            keep=self.keep,
+            async_save=self.async_save,
+            extra_files=extra_files,
+        )
+
+    def load(
+        self,
+        engine: Any,
+        path: str | Path,
+        parts: dict[str, Stateful],
+        model_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Verify and load ``path`` into ``engine`` and every part that has saved state.
+
+        The RNG is not restored here: the caller does it right before its first step
+        (:func:`restore_rng_state`), after whatever start-up work draws random numbers.
+        Returns the checkpoint's client state.
+        """
+        state = load_checkpoint(
+            engine,
+            path,
+            load_optimizer=True,
+            model_config=model_config,
+            tokenizer_hash=self.tokenizer_hash,
+            restore_rng=False,
+        )
+        saved = client_parts(state)
+        for name, part in parts.items():
+            if saved.get(name) is not None:
+                part.load_state_dict(saved[name])
+        return state

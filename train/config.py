@@ -1,17 +1,18 @@
-"""Job configuration: what a training run does, read from YAML plus ``key.sub=value`` overrides.
+"""Job configuration: what a run does, read from YAML plus ``key.sub=value`` overrides.
 
 A :class:`JobConfig` is a tree of small dataclasses (model, data, train, parallel, checkpoint,
-log) with a docstring per field. Files are read with ``yaml.safe_load`` and nothing is ever
-evaluated as code. Every mistake a user can make in a config -- an unknown key, a wrong type, a
-combination that cannot run -- raises :class:`LongtrainError` with one line that names the key
-and the fix, and :func:`validate_job` runs before any process group exists, so a bad job fails
-in seconds instead of after the cluster has been booked and the model built.
+log, finetune) with a docstring per field; ``longtrain pretrain`` and ``longtrain finetune``
+read the same tree. Files are read with ``yaml.safe_load`` and nothing is ever evaluated as
+code. Each section checks its own fields in ``__post_init__``; :func:`validate_job` checks what
+spans sections, the world size and the data, and every command calls it before any process
+group exists, so a bad job fails in seconds with one line naming the key and the fix, instead
+of after the cluster has been booked and the model built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import types
 import typing
@@ -21,12 +22,29 @@ from typing import Any
 
 import yaml
 
+from longtrain.data.loader import load_manifest
+from longtrain.data.tokenizer import check_tokenizer_hash, tokenizer_hash
+from longtrain.model.config import ModelConfig, get_flavor
 from longtrain.model.errors import LongtrainError
-from longtrain.train.finetune_config import FinetuneSection
+from longtrain.model.lora import LoRAConfig
+from longtrain.train.parallel import sp_layout_problem
+from longtrain.train.stages import Stage, resolve_stages, stage_model_config
 
 SCHEDULES = ("cosine", "wsd", "constant")
 AC_MODES = ("none", "full", "selective")
 DTYPES = ("auto", "fp32", "bf16")
+TASKS = ("lm", "classify")
+ROPE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
+"""ModelConfig fields a fine-tuning run (or a stage) may change on its initial model."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LongtrainError(msg)
+
+
+def _finite(name: str, value: float) -> None:
+    _need(math.isfinite(value), f"{name}={value}: must be a finite number")
 
 
 @dataclass
@@ -60,13 +78,25 @@ class DataSection:
     val_batches: int = 8
     """Validation micro-batches per rank at each evaluation (0 = every validation window)."""
 
+    def __post_init__(self) -> None:
+        _need(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}")
+        _need(
+            self.attention in ("document", "causal"),
+            f"data.attention must be document or causal, got '{self.attention}'",
+        )
+        _need(
+            self.val_batches >= 0,
+            f"data.val_batches={self.val_batches}: must be >= 0 (0 = every validation window)",
+        )
+
 
 @dataclass
 class TrainSection:
     """The optimisation: steps, batch, learning rate schedule, AdamW."""
 
     steps: int = 100
-    """Optimizer steps to run (the total, counting steps done before a resume)."""
+    """Optimizer steps to run (the total, counting steps done before a resume). With
+    ``stages`` it is replaced by the sum of their steps."""
     micro_batch: int = 1
     """Windows per data-parallel rank per forward pass."""
     grad_accum: int = 1
@@ -84,9 +114,9 @@ class TrainSection:
     weight_decay: float = 0.1
     """AdamW decoupled weight decay."""
     beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1, in [0, 1)."""
     beta2: float = 0.95
-    """AdamW beta2."""
+    """AdamW beta2, in [0, 1)."""
     eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
@@ -95,6 +125,43 @@ class TrainSection:
     """Stop the run after this many NaN/Inf losses in a row (each one skips its update)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy (bounds the fp32 logits memory)."""
+    stages: list = field(default_factory=list)
+    """Curriculum: a list of mappings with ``steps`` and any of seq_len, micro_batch,
+    grad_accum, sp, lr, warmup, rope_theta, rope_scaling, name (the rest comes from the job),
+    run one after the other as one resumable run, e.g. seq_len 512 -> 2048 for pretraining
+    or 32K -> 128K with YaRN for context extension. Empty = one stage made of the job itself.
+    See ``longtrain.train.stages``."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "grad_accum"):
+            v = getattr(self, name)
+            _need(v > 0, f"train.{name} must be positive, got {v}")
+        for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "beta1", "beta2",
+                     "eps", "grad_clip"):  # fmt: skip
+            _finite(f"train.{name}", getattr(self, name))
+        _need(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _need(self.warmup >= 0, f"train.warmup must be >= 0, got {self.warmup}")
+        _need(
+            self.schedule in SCHEDULES,
+            f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'",
+        )
+        _need(0 < self.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]")
+        _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _need(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _need(0 <= v < 1, f"train.{name}={v}: must be in [0, 1), e.g. 0.9 / 0.95")
+        _need(self.eps > 0, f"train.eps={self.eps}: must be > 0, e.g. 1e-8")
+        _need(
+            self.grad_clip >= 0,
+            f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)",
+        )
+        _need(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
+        _need(self.loss_chunk_size >= 1, "train.loss_chunk_size must be >= 1")
+        _need(
+            isinstance(self.stages, list),
+            "train.stages must be a list of mappings, e.g. [{steps: 100, seq_len: 512}]",
+        )
 
 
 @dataclass
@@ -116,6 +183,31 @@ class ParallelSection:
     timeout_s: int = 1800
     """Collective timeout in seconds; a hung rank fails the job after this long."""
 
+    def __post_init__(self) -> None:
+        _need(self.sp >= 1, f"parallel.sp must be >= 1, got {self.sp}")
+        _need(
+            self.zero_stage in (0, 1, 2, 3),
+            f"parallel.zero_stage must be 0-3, got {self.zero_stage}",
+        )
+        _need(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "parallel.offload_optimizer needs parallel.zero_stage >= 1",
+        )
+        _need(
+            not (self.offload_params and self.zero_stage != 3),
+            "parallel.offload_params needs parallel.zero_stage=3",
+        )
+        _need(
+            self.activation_checkpointing in AC_MODES,
+            f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
+            f"got '{self.activation_checkpointing}'",
+        )
+        _need(
+            self.dtype in DTYPES,
+            f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'",
+        )
+        _need(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s}: must be > 0 seconds")
+
 
 @dataclass
 class CheckpointSection:
@@ -136,6 +228,19 @@ class CheckpointSection:
     process still alive this many seconds after the signal exits with code 124 (the previous
     committed checkpoint stays the latest). Keep it below the scheduler's grace period."""
 
+    def __post_init__(self) -> None:
+        _need(self.interval >= 0, "checkpoint.interval must be >= 0")
+        _need(
+            self.keep >= 2,
+            f"checkpoint.keep={self.keep}: keep at least 2 (a new checkpoint may be torn)",
+        )
+        _need(
+            self.preempt_deadline_s > 0 and math.isfinite(self.preempt_deadline_s),
+            f"checkpoint.preempt_deadline_s={self.preempt_deadline_s}: must be > 0 seconds (e.g. "
+            "300; below the scheduler's grace period between its signal and SIGKILL)",
+        )
+        _need(bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint path")
+
 
 @dataclass
 class LogSection:
@@ -148,7 +253,7 @@ class LogSection:
     long_eval_interval: int = 0
     """Long-context eval every this many steps (and at the end); 0 = off. Logs validation loss
     per position bucket (``long_eval/loss_0-1K``, ...) to metrics.jsonl and TensorBoard; see
-    ``longtrain.train.evaluate.long_eval``."""
+    ``longtrain.train.eval.validator.long_eval``."""
     long_eval_bucket: int = 1024
     """Positions per bucket of the long-context eval (``loss_0-1K`` covers positions 0-1023)."""
     long_eval_passkey: list = field(default_factory=list)
@@ -162,6 +267,65 @@ class LogSection:
     """W&B project name."""
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""
+
+    def __post_init__(self) -> None:
+        _need(self.interval >= 1, "log.interval must be >= 1")
+        _need(self.eval_interval >= 0, "log.eval_interval must be >= 0")
+        _need(self.long_eval_interval >= 0, "log.long_eval_interval must be >= 0 (0 = off)")
+        _need(self.long_eval_bucket >= 1, "log.long_eval_bucket must be >= 1")
+        _need(
+            isinstance(self.long_eval_passkey, list)
+            and all(type(n) is int and n > 0 for n in self.long_eval_passkey),
+            f"log.long_eval_passkey={self.long_eval_passkey!r}: expected a list of positive "
+            "context lengths, e.g. [2048]",
+        )
+
+
+@dataclass
+class EarlyStoppingSection:
+    """Stop when the validation loss stops improving (``patience: 0`` = off)."""
+
+    patience: int = 0
+    """Evaluations without an improvement of at least ``min_delta`` before the whole run stops;
+    0 = off. The count restarts at each stage (losses at another seq_len do not compare)."""
+    min_delta: float = 0.0
+    """Smallest decrease of the validation loss that counts as an improvement."""
+
+    def __post_init__(self) -> None:
+        _need(self.patience >= 0, "finetune.early_stopping.patience must be >= 0 (0 = off)")
+        _need(
+            self.min_delta >= 0 and math.isfinite(self.min_delta),
+            f"finetune.early_stopping.min_delta={self.min_delta}: must be a number >= 0",
+        )
+
+
+@dataclass
+class FinetuneSection:
+    """What a ``longtrain finetune`` run trains (``longtrain pretrain`` refuses the task and
+    LoRA settings: it trains a language model from scratch)."""
+
+    task: str = "lm"
+    """``lm``: next-token loss on data.dir (pretraining data for context extension, ``prepare
+    --sft`` data for SFT: the loader masks non-assistant targets). ``classify``: a linear head
+    on the last token; data.dir holds train.jsonl / val.jsonl of {"text", "label"}."""
+    num_labels: int = 2
+    """classify only: number of classes (labels are ints in [0, num_labels))."""
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))
+    """Low-rank adapters (``rank: 0`` = off, every weight trains; see ``longtrain.model.lora``)."""
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
+    """Early stopping on validation loss; the best model is kept in run_dir/best/."""
+    stages: list = field(default_factory=list)
+    """The same as ``train.stages`` (the spelling of earlier fine-tuning configs); set one."""
+
+    def __post_init__(self) -> None:
+        _need(
+            self.task in TASKS,
+            f"finetune.task must be one of {', '.join(TASKS)}, got '{self.task}'",
+        )
+        _need(
+            self.task != "classify" or self.num_labels >= 2,
+            f"finetune.num_labels must be >= 2, got {self.num_labels}",
+        )
 
 
 @dataclass
@@ -181,23 +345,34 @@ class JobConfig:
     log: LogSection = field(default_factory=LogSection)
     """Reporting."""
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
-    """Fine-tuning: task, LoRA, curriculum stages, early stopping (``longtrain finetune``)."""
+    """Fine-tuning: task, LoRA, early stopping (``longtrain finetune``)."""
     run_dir: str = "runs/default"
     """Output directory: config.yaml, metrics.jsonl, tb/, checkpoints/, loss_curve.png."""
     seed: int = 0
     """Seed for initialisation and the data order."""
 
+    def __post_init__(self) -> None:
+        _need(bool(self.run_dir), "run_dir must not be empty")
+        _need(
+            not (self.train.stages and self.finetune.stages),
+            "train.stages and finetune.stages are the same setting; keep one (train.stages)",
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (what is written to run_dir/config.yaml)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of built-in types (what is written to run_dir/config.yaml)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading: YAML + overrides -> JobConfig, with type checks that name the key.
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
@@ -205,7 +380,7 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise LongtrainError(
-                f"{where}: '{key}' must be a mapping of {sorted(_field_types(typ))}, "
+                f"{where}: '{key}' must be a mapping of {sorted(typing.get_type_hints(typ))}, "
                 f"got {type(value).__name__}"
             )
         return _build(typ, value, f"{key}.", where)
@@ -237,6 +412,10 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
         if isinstance(value, dict):
             return dict(value)
         raise LongtrainError(f"{where}: '{key}' must be a mapping, got {value!r}")
+    if typ is list or typing.get_origin(typ) in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise LongtrainError(f"{where}: '{key}' must be a list, got {value!r}")
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
@@ -246,7 +425,7 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, where: str) -> Any:
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     unknown = [k for k in raw if k not in hints]
     if unknown:
         k = unknown[0]
@@ -264,7 +443,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None
     node = tree
     cls: Any = JobConfig
     for i, part in enumerate(parts[:-1]):
-        hints = _field_types(cls) if cls is not None else {}
+        hints = typing.get_type_hints(cls) if cls is not None else {}
         if cls is not None and part not in hints:
             raise LongtrainError(
                 f"{where}: unknown config key '{'.'.join(parts[: i + 1])}'; valid keys are: "
@@ -275,10 +454,10 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise LongtrainError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a mapping")
-    if cls is not None and parts[-1] not in _field_types(cls):
+    if cls is not None and parts[-1] not in typing.get_type_hints(cls):
         raise LongtrainError(
             f"{where}: unknown config key '{dotted}'; valid keys are: "
-            f"{', '.join(sorted(_field_types(cls)))}"
+            f"{', '.join(sorted(typing.get_type_hints(cls)))}"
         )
     node[parts[-1]] = value
 
@@ -315,110 +494,23 @@ def load_job(path: str | os.PathLike | None, overrides: list[str] | None = None)
             raise LongtrainError(f"override '{ov}': value is not a valid YAML scalar") from e
         _set_path(raw, key.strip(), value, f"override '{ov}'")
     where = str(path) if path is not None else "config"
-    job = _build(JobConfig, raw, "", where)
-    check_fields(job)
-    return job
-
-
-def check_fields(job: JobConfig) -> None:
-    """Field-level checks that need nothing but the config itself."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise LongtrainError(msg)
-
-    t, p, c, lg, d = job.train, job.parallel, job.checkpoint, job.log, job.data
-    need(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    need(
-        d.attention in ("document", "causal"),
-        f"data.attention must be document or causal, got '{d.attention}'",
-    )
-    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    need(t.micro_batch > 0, f"train.micro_batch must be positive, got {t.micro_batch}")
-    need(t.grad_accum > 0, f"train.grad_accum must be positive, got {t.grad_accum}")
-    need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
-    need(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
-    need(
-        t.schedule in SCHEDULES,
-        f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{t.schedule}'",
-    )
-    need(0 < t.decay_fraction <= 1, "train.decay_fraction must be in (0, 1]")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-    need(t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
-    need(p.sp >= 1, f"parallel.sp must be >= 1, got {p.sp}")
-    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
-    need(
-        not (p.offload_optimizer and p.zero_stage == 0),
-        "parallel.offload_optimizer needs parallel.zero_stage >= 1",
-    )
-    need(
-        not (p.offload_params and p.zero_stage != 3),
-        "parallel.offload_params needs parallel.zero_stage=3",
-    )
-    need(
-        p.activation_checkpointing in AC_MODES,
-        f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
-        f"got '{p.activation_checkpointing}'",
-    )
-    need(p.dtype in DTYPES, f"parallel.dtype must be one of {', '.join(DTYPES)}, got '{p.dtype}'")
-    need(c.interval >= 0, "checkpoint.interval must be >= 0")
-    need(c.keep >= 2, f"checkpoint.keep={c.keep}: keep at least 2 (a new checkpoint may be torn)")
-    need(
-        c.preempt_deadline_s > 0,
-        f"checkpoint.preempt_deadline_s={c.preempt_deadline_s}: must be > 0 seconds (e.g. 300; "
-        "below the scheduler's grace period between its signal and SIGKILL)",
-    )
-    need(lg.interval >= 1, "log.interval must be >= 1")
-    need(lg.eval_interval >= 0, "log.eval_interval must be >= 0")
-    need(lg.long_eval_interval >= 0, "log.long_eval_interval must be >= 0 (0 = off)")
-    need(lg.long_eval_bucket >= 1, "log.long_eval_bucket must be >= 1")
-    need(
-        isinstance(lg.long_eval_passkey, list)
-        and all(type(n) is int and 0 < n <= d.seq_len for n in lg.long_eval_passkey),
-        f"log.long_eval_passkey={lg.long_eval_passkey!r}: expected a list of lengths in "
-        f"[1, data.seq_len={d.seq_len}], e.g. [{d.seq_len}]",
-    )
-    need(bool(job.run_dir), "run_dir must not be empty")
+    return _build(JobConfig, raw, "", where)
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation against the world and the data, before any process group exists.
+# Validation against the command, the world and the data, before any process group exists.
 
 
 def read_manifest(data_dir: str) -> dict[str, Any]:
-    """The data directory's manifest.json, or a one-line error naming the directory."""
+    """The data directory's manifest.json, or a one-line error naming data.dir and the fix."""
     if not data_dir:
         raise LongtrainError("data.dir is not set; run `longtrain prepare` and pass data.dir=DIR")
-    path = Path(data_dir) / "manifest.json"
-    if not Path(data_dir).is_dir():
-        raise LongtrainError(
-            f"data.dir {data_dir}: no such directory; create it with `longtrain prepare --out {data_dir}`"
-        )
-    if not path.is_file():
-        raise LongtrainError(
-            f"data.dir {data_dir}: no manifest.json (not a prepared data directory); "
-            "run `longtrain prepare` first"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LongtrainError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+    return load_manifest(data_dir)
 
 
-def _tokenizer_hash(tok_dir: str) -> str:
-    meta = Path(tok_dir) / "tokenizer_meta.json"
-    if not meta.is_file():
-        raise LongtrainError(
-            f"data.tokenizer {tok_dir}: no tokenizer_meta.json; pass a directory written by "
-            "`longtrain tokenizer`"
-        )
-    return str(json.loads(meta.read_text()).get("hash", ""))
-
-
-def resolve_model_config(job: JobConfig, manifest: dict[str, Any] | None = None) -> Any:
-    """The ModelConfig this job trains: flavor + overrides, vocab from the data, max_seq_len >= seq_len."""
-    from longtrain.model.config import get_flavor
-
+def resolve_model_config(job: JobConfig, manifest: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig a from-scratch job trains: flavor + overrides, vocab from the data,
+    max_seq_len >= seq_len."""
     overrides = dict(job.model.overrides)
     if manifest is not None and "vocab_size" not in overrides and "vocab_size" in manifest:
         overrides["vocab_size"] = int(manifest["vocab_size"])
@@ -440,69 +532,155 @@ def resolve_model_config(job: JobConfig, manifest: dict[str, Any] | None = None)
     return cfg
 
 
-def validate_job(job: JobConfig, world_size: int, check_data: bool = True) -> Any:
-    """Every check that can fail before a process group exists; returns the ModelConfig.
+def apply_init_overrides(job: JobConfig, cfg: ModelConfig) -> ModelConfig:
+    """The initial model's config with ``model.overrides`` applied (RoPE and length only)."""
+    bad = sorted(
+        k
+        for k, v in job.model.overrides.items()
+        if k not in ROPE_FIELDS and getattr(cfg, k, v) != v
+    )
+    if bad:
+        raise LongtrainError(
+            f"model.overrides.{bad[0]}: the shape comes from model.init={job.model.init}; only "
+            f"{', '.join(ROPE_FIELDS)} may be overridden when fine-tuning"
+        )
+    return cfg.replace(**{k: v for k, v in job.model.overrides.items() if k in ROPE_FIELDS})
+
+
+def check_sp(cfg: ModelConfig, sp: int, world_size: int, seq_len: int, key: str) -> None:
+    """The sequence-parallel rules for one degree ``sp`` (``key`` names the setting)."""
+    if world_size % sp != 0:
+        raise LongtrainError(
+            f"{key}={sp} does not divide the world size {world_size}; use an sp that "
+            "divides the number of processes"
+        )
+    problem = sp_layout_problem(cfg.n_heads, cfg.n_kv_heads, sp)
+    if problem:
+        raise LongtrainError(f"{key}={sp} {problem}")
+    if seq_len % sp != 0:
+        raise LongtrainError(
+            f"data.seq_len={seq_len} is not divisible by {key}={sp}; use a multiple of {sp}"
+        )
+
+
+def check_command(job: JobConfig, command: str) -> None:
+    """What ``longtrain pretrain`` and ``longtrain finetune`` each accept."""
+    ft = job.finetune
+    if command == "pretrain":
+        for key, set_ in (
+            ("model.init", bool(job.model.init)),
+            ("finetune.task", ft.task != "lm"),
+            ("finetune.lora.rank", ft.lora.rank > 0),
+        ):
+            if set_:
+                raise LongtrainError(
+                    f"{key} is a fine-tuning setting; `longtrain pretrain` trains from scratch: "
+                    "use `longtrain finetune`, or drop it"
+                )
+    if ft.early_stopping.patience and not job.log.eval_interval:
+        raise LongtrainError("finetune.early_stopping needs validation: set log.eval_interval > 0")
+    if ft.task == "classify" and job.log.long_eval_interval:
+        raise LongtrainError(
+            "log.long_eval_interval measures language-model loss; set it to 0 for "
+            "finetune.task=classify"
+        )
+
+
+def validate_job(
+    job: JobConfig,
+    world_size: int,
+    check_data: bool = True,
+    command: str = "pretrain",
+    init_config: ModelConfig | None = None,
+) -> ModelConfig:
+    """Every check that can fail before a process group exists; returns the base ModelConfig.
 
     Run on every rank from environment variables only (WORLD_SIZE), so a bad job stops with the
-    same one-line message everywhere instead of hanging in a collective.
+    same one-line message everywhere instead of hanging in a collective. ``init_config`` is the
+    config of ``model.init`` (read by the caller through ``longtrain.train.artifacts``); the
+    stages are checked one by one (``longtrain.train.stages``).
     """
-    p, d = job.parallel, job.data
-    manifest = read_manifest(d.dir) if check_data else None
-    if manifest is not None and d.tokenizer:
-        want, have = str(manifest.get("tokenizer_hash", "")), _tokenizer_hash(d.tokenizer)
-        if want != have:
-            raise LongtrainError(
-                f"data.tokenizer {d.tokenizer} (hash {have[:12]}) differs from the tokenizer "
-                f"data.dir {d.dir} was prepared with (hash {want[:12]}); use "
-                f"{Path(d.dir) / 'tokenizer'} or re-run `longtrain prepare`"
+    check_command(job, command)
+    d = job.data
+    manifest = None
+    if check_data and job.finetune.task == "lm":
+        manifest = read_manifest(d.dir)
+        if d.tokenizer:
+            check_tokenizer_hash(
+                str(manifest.get("tokenizer_hash", "")),
+                tokenizer_hash(d.tokenizer, "data.tokenizer"),
+                f"the data in data.dir {d.dir}",
+                f"data.tokenizer {d.tokenizer}",
+                f"use {Path(d.dir) / 'tokenizer'} or re-run `longtrain prepare`",
             )
-    cfg = resolve_model_config(job, manifest)
+    if init_config is not None:
+        cfg = apply_init_overrides(job, init_config)
+    else:
+        cfg = resolve_model_config(job, manifest)
     if manifest is not None and int(manifest.get("vocab_size", 0)) > cfg.vocab_size:
+        what = f"model.init={job.model.init}" if init_config is not None else "the model"
         raise LongtrainError(
-            f"model vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
-            f"({manifest['vocab_size']}); drop model.overrides.vocab_size"
+            f"{what} has vocab_size={cfg.vocab_size}, smaller than the data's vocabulary "
+            f"({manifest['vocab_size']}); drop model.overrides.vocab_size or use another model"
         )
-    if world_size % p.sp != 0:
+    stages = resolve_stages(job)
+    staged = bool(job.train.stages or job.finetune.stages)
+    for st in stages:
+        key = f"{st.where}.sp" if staged else "parallel.sp"
+        check_sp(stage_model_config(cfg, st), st.sp, world_size, st.seq_len, key)
+        if job.train.micro_batch * (world_size // st.sp) * st.grad_accum <= 0:
+            raise LongtrainError("train.micro_batch * DP * train.grad_accum must be positive")
+    if job.finetune.task == "classify" and len(stages) > 1:
+        raise LongtrainError("finetune.task=classify runs one stage; drop train.stages")
+    longest = max(s.seq_len for s in stages)
+    bad = [n for n in job.log.long_eval_passkey if n > longest]
+    if bad:
         raise LongtrainError(
-            f"parallel.sp={p.sp} does not divide the world size {world_size}; use an sp that "
-            f"divides the number of processes"
+            f"log.long_eval_passkey={job.log.long_eval_passkey!r}: {bad[0]} is above the "
+            f"longest window data.seq_len={longest}; use lengths <= {longest}"
         )
-    if cfg.n_heads % p.sp != 0:
-        raise LongtrainError(
-            f"parallel.sp={p.sp} does not divide the model's n_heads={cfg.n_heads} "
-            f"(flavor {job.model.flavor}); pick sp from the divisors of {cfg.n_heads}"
-        )
-    kv = cfg.n_kv_heads
-    if kv < p.sp and (p.sp % kv != 0 or cfg.n_heads % p.sp != 0):
-        raise LongtrainError(
-            f"parallel.sp={p.sp} with n_kv_heads={kv}: K/V heads are replicated up to sp, which "
-            f"needs sp to be a multiple of n_kv_heads; pick such an sp"
-        )
-    if kv >= p.sp and kv % p.sp != 0:
-        raise LongtrainError(
-            f"parallel.sp={p.sp} does not divide n_kv_heads={kv}; pick sp dividing {kv} "
-            f"or a multiple of it up to n_heads={cfg.n_heads}"
-        )
-    if d.seq_len % p.sp != 0:
-        raise LongtrainError(
-            f"data.seq_len={d.seq_len} is not divisible by parallel.sp={p.sp}; use a multiple "
-            f"of {p.sp}"
-        )
-    dp = world_size // p.sp
-    if job.train.micro_batch * dp * job.train.grad_accum <= 0:
-        raise LongtrainError("train.micro_batch * DP * train.grad_accum must be positive")
     r = job.checkpoint.resume
     if r not in ("auto", "never") and not Path(r).is_dir():
         raise LongtrainError(
             f"checkpoint.resume={r}: no such checkpoint directory; use auto, never or an existing "
             f"run_dir/checkpoints/step_XXXXXXXX"
         )
+    if Path(job.run_dir).exists() and not Path(job.run_dir).is_dir():
+        raise LongtrainError(f"run_dir={job.run_dir} is a file; pass a directory path")
     return cfg
+
+
+def check_data(job: JobConfig, manifest: dict[str, Any], stages: list[Stage]) -> None:
+    """The data against the job: enough training tokens for the longest window, a validation
+    split that holds a window when the job evaluates."""
+    longest = max(s.seq_len for s in stages)
+    splits = manifest.get("splits") or {}
+
+    def tokens(split: str) -> int:
+        shards = (splits.get(split) or {}).get("shards") or []
+        return sum(int(sh.get("stored_tokens", sh.get("tokens", 0))) for sh in shards)
+
+    have = tokens("train")
+    if have < longest + 1:
+        raise LongtrainError(
+            f"data.dir {job.data.dir}: the train split has {have} tokens, fewer than one window "
+            f"of data.seq_len+1={longest + 1}; lower data.seq_len or prepare more data"
+        )
+    if job.log.eval_interval or job.log.long_eval_interval:
+        val = tokens("val")
+        if val < longest + 1:
+            raise LongtrainError(
+                f"data.dir {job.data.dir}: the validation split has {val} tokens, fewer than one "
+                f"window of data.seq_len+1={longest + 1}; prepare with a larger --val-fraction, "
+                "lower data.seq_len, or set log.eval_interval=0"
+            )
 
 
 def save_resolved(job: JobConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config to run_dir/config.yaml (what the run actually used)."""
     out = Path(run_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    tmp = out.with_name(".config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    os.replace(tmp, out)
     return out

@@ -18,16 +18,17 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from longtrain.model.attention import resolve_core_name
+from longtrain.model.config import ModelConfig
 from longtrain.model.errors import LongtrainError
+from longtrain.model.heads import TransformerForClassification
+from longtrain.model.lora import apply_lora
+from longtrain.model.transformer import Transformer
 from longtrain.train.config import JobConfig
-from longtrain.train.parallel import (
-    Topology,
-    apply_activation_checkpointing,
-    apply_ulysses,
-    setup_accelerator_env,
-)
+from longtrain.train.parallel import Topology, parallelize, setup_accelerator_env
 
 
 def compute_dtype(job: JobConfig, device: torch.device) -> torch.dtype:
@@ -39,8 +40,12 @@ def compute_dtype(job: JobConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> dict[str, Any]:
-    """The DeepSpeed config dict for this job (also written to run_dir/deepspeed_config.json)."""
+def deepspeed_config(job: JobConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict for this job (also written to run_dir/deepspeed_config.json).
+
+    A pure function of the job, the world size and the device kind: the planner reads the
+    bucket sizes and offload settings from it instead of keeping copies.
+    """
     t, p = job.train, job.parallel
     dtype = compute_dtype(job, device)
     on_gpu = device.type == "cuda"
@@ -70,7 +75,7 @@ def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> di
         "gradient_accumulation_steps": t.grad_accum,
         # DeepSpeed sees every rank as data parallel (SP is ours), so its "batch" counts each
         # SP rank's shard of a window as a sample; only its own bookkeeping uses this number.
-        "train_batch_size": t.micro_batch * t.grad_accum * topo.world_size,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "optimizer": {
@@ -93,6 +98,13 @@ def deepspeed_config(job: JobConfig, topo: Topology, device: torch.device) -> di
     if dtype == torch.bfloat16:
         # Non-finite gradients must skip the update (NaN/Inf loss handling relies on it).
         cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        # Summing gradients over micro-batches and over DP x SP ranks in bf16 loses bits as
+        # accumulation and world size grow: both run in fp32 (the weights stay fp32 masters).
+        # DeepSpeed supports the fp32 accumulation only through its ZeRO optimizers; without
+        # ZeRO (stage 0) it accumulates in the model dtype and only the reduction is fp32.
+        cfg["communication_data_type"] = "fp32"
+        if p.zero_stage > 0:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 
 
@@ -157,58 +169,78 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 @torch.no_grad()
-def _init_zero3(model: nn.Module, seed: int) -> None:
-    """Initialise a ZeRO-3-partitioned model one layer at a time, identical to init_weights().
+def init_sharded(model: nn.Module, seed: int) -> None:
+    """Initialise a ZeRO-3-partitioned model one unit at a time, identical to init_weights().
 
-    Only one block is ever gathered, so a model that does not fit on one rank can still be
-    initialised. Rank 0 draws the values (same RNG order as ``Transformer.init_weights``) and
-    ``GatheredParameters(modifier_rank=0)`` scatters them back into the shards.
-    tests/test_train_parallel.py checks the result against ``init_weights`` itself.
+    The units and their order come from the model (``Transformer.init_units``); only one unit
+    is ever gathered, so a model that does not fit on one rank can still be initialised. Rank
+    0 draws the values and ``GatheredParameters(modifier_rank=0)`` scatters them back into
+    the shards. tests/test_train_parallel.py checks the result against ``init_weights``.
     """
     import deepspeed
-    import torch.distributed as dist
 
-    cfg = model.cfg
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     rank0 = dist.get_rank() == 0
     torch.manual_seed(seed)
-
-    def unit(params: list[nn.Parameter], fill: Any) -> None:
+    for params, fill in model.init_units():
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if rank0:
                 fill()
-
-    unit(
-        [model.tok_embeddings.weight], lambda: nn.init.normal_(model.tok_embeddings.weight, std=std)
-    )
-    for block in model.layers:
-        unit(list(block.parameters()), lambda block=block: block.init_weights(std, out_std))
-    unit([model.norm.weight], model.norm.reset_parameters)
-    if model.output is not None:
-        unit([model.output.weight], lambda: nn.init.normal_(model.output.weight, std=std))
     model.rope.reset_parameters()
 
 
+@torch.no_grad()
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], zero3: bool) -> None:
+    """Copy ``state`` into the (possibly ZeRO-3 partitioned) parameters; missing keys keep
+    their initialisation. Under ZeRO-3 only rank 0 needs the tensors (it scatters them)."""
+    import deepspeed
+
+    rank0 = dist.get_rank() == 0
+    names = dict(model.named_parameters())
+    if rank0 or not zero3:
+        unknown = sorted(set(state) - set(names))
+        if unknown:
+            raise LongtrainError(f"model.init: weights {unknown[:3]} do not exist in this model")
+    for name, prm in names.items():
+        if zero3:
+            with deepspeed.zero.GatheredParameters([prm], modifier_rank=0):
+                if rank0 and name in state:
+                    prm.copy_(state[name])
+        elif name in state:
+            prm.copy_(state[name])
+
+
+def construct(job: JobConfig, cfg: ModelConfig, attention: str) -> nn.Module:
+    """The plain single-device model of the job's task (language model or classifier)."""
+    if job.finetune.task == "classify":
+        return TransformerForClassification(cfg, job.finetune.num_labels, attention=attention)
+    return Transformer(cfg, attention=attention)
+
+
 def build_model(
-    job: JobConfig, cfg: Any, topo: Topology, ds_config: dict[str, Any], device: torch.device
+    job: JobConfig,
+    cfg: ModelConfig,
+    topo: Topology,
+    ds_config: dict[str, Any],
+    device: torch.device,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """The Transformer, never whole on one rank under ZeRO-3, parallelized (Ulysses, AC).
+    """The one model builder: never whole on one rank under ZeRO-3, then parallelized.
 
     ZeRO 0-2: built on ``meta``, materialised on the device, ``init_weights()`` with the job's
     seed (every rank draws the same values; DeepSpeed also broadcasts rank 0's).
     ZeRO-3: built inside ``deepspeed.zero.Init`` so each parameter is partitioned over all
-    DP x SP ranks as soon as it is created, then initialised layer by layer.
+    DP x SP ranks as soon as it is created, then initialised unit by unit.
+    Then, in order: the initial weights (``init_state``, fine-tuning's ``model.init``), LoRA
+    adapters (only they and a task head train), and :func:`parallelize`.
     """
     setup_accelerator_env()
     import deepspeed
 
-    from longtrain.model.attention import resolve_core_name
-    from longtrain.model.transformer import Transformer
-
     # Resolve "auto" before zero.Init: probing cores imports torch._dynamo, which breaks while
     # zero.Init has patched tensor constructors.
     core = resolve_core_name(job.model.attention)
-    if job.parallel.zero_stage == 3:
+    zero3 = job.parallel.zero_stage == 3
+    if zero3:
         remote = "cpu" if job.parallel.offload_params else None
         with deepspeed.zero.Init(
             data_parallel_group=topo.world_group,
@@ -217,20 +249,27 @@ def build_model(
             # dtype stays None: DeepSpeed then takes it from the config (bf16 or fp32). An
             # explicit dtype is ignored on accelerators without fp16 (CPU), which get bf16.
         ):
-            model = Transformer(cfg, attention=core)
-        _init_zero3(model, job.seed)
-        # The LM head weight is used by the top-level forward (chunked loss), outside the
-        # module that owns it; ZeRO-3 must gather it for that forward and its backward.
-        deepspeed.zero.register_external_parameter(model, model.head_weight)
+            model = construct(job, cfg, core)
+        init_sharded(model, job.seed)
     else:
         with torch.device("meta"):
-            model = Transformer(cfg, attention=core)
+            model = construct(job, cfg, core)
         model.to_empty(device=device)
         torch.manual_seed(job.seed)
         model.init_weights()
-    apply_ulysses(model, topo, cfg.n_kv_heads)
-    apply_activation_checkpointing(model, job.parallel.activation_checkpointing)
-    return model
+    if init_state is not None:
+        load_weights(model, init_state, zero3)
+    lora = job.finetune.lora
+    if lora.rank:
+        torch.manual_seed(job.seed + 1)  # the same adapters on every rank
+        apply_lora(model, lora)
+        if isinstance(model, TransformerForClassification):
+            model.score.weight.requires_grad_(True)
+    if zero3 and model.output is not None:
+        # The LM head weight is used by the top-level forward (chunked loss), outside the
+        # module that owns it; ZeRO-3 must gather it for that forward and its backward.
+        deepspeed.zero.register_external_parameter(model, model.head_weight)
+    return parallelize(model, topo, job)
 
 
 def initialize_engine(

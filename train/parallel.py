@@ -155,16 +155,37 @@ def build_topology(sp: int) -> Topology:
     )
 
 
+def sp_layout_problem(n_heads: int, n_kv_heads: int, sp: int) -> str | None:
+    """What stops ``sp``-way Ulysses on a model with these heads, or None when it can run.
+
+    The one statement of the rule (config validation, eval, the planner and the wrapper all
+    ask here): the query heads split evenly over the SP ranks, and so do the K/V heads, which
+    are replicated up to ``sp`` when there are fewer of them.
+    """
+    if n_heads % sp:
+        return (
+            f"does not divide the model's n_heads={n_heads}; pick sp from the divisors of {n_heads}"
+        )
+    return _kv_problem(n_kv_heads, sp)
+
+
+def _kv_problem(n_kv_heads: int, sp: int) -> str | None:
+    if n_kv_heads < sp and sp % n_kv_heads:
+        return (
+            f"is not a multiple of n_kv_heads={n_kv_heads}: K/V heads are replicated up to sp, "
+            "which needs sp to be a multiple of n_kv_heads; pick such an sp"
+        )
+    if n_kv_heads >= sp and n_kv_heads % sp:
+        return f"does not divide n_kv_heads={n_kv_heads}; pick sp dividing {n_kv_heads}"
+    return None
+
+
 def kv_replication(n_kv_heads: int, sp: int) -> int:
     """How many times each K/V head is repeated so that every SP rank gets at least one."""
-    if n_kv_heads >= sp:
-        return 1
-    if sp % n_kv_heads != 0:
-        raise LongtrainError(
-            f"parallel.sp={sp} is not a multiple of n_kv_heads={n_kv_heads}; K/V heads cannot "
-            "be replicated evenly"
-        )
-    return sp // n_kv_heads
+    problem = _kv_problem(n_kv_heads, sp)
+    if problem:
+        raise LongtrainError(f"parallel.sp={sp} {problem}")
+    return 1 if n_kv_heads >= sp else sp // n_kv_heads
 
 
 class UlyssesAttention(nn.Module):
@@ -250,9 +271,31 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     return n
 
 
+def parallelize(model: nn.Module, topo: Topology, job: Any | None) -> nn.Module:
+    """Apply parallelism to a plain single-device model: the only sequence of ``apply_*`` calls.
+
+    In order: sequence parallelism wraps each block's attention core (the model's math is
+    untouched), then activation checkpointing wraps each block's forward (so a recompute
+    replays the all-to-alls too). ``job=None`` is evaluation: sequence parallelism only.
+    Returns the same module, changed in place.
+    """
+    apply_ulysses(model, topo, model.cfg.n_kv_heads)
+    if job is not None:
+        apply_activation_checkpointing(model, job.parallel.activation_checkpointing)
+    return model
+
+
 def all_reduce_sum(values: list[float], device: torch.device, group: Any = None) -> list[float]:
     """Sum a few Python numbers over a group in one collective (float64 keeps token counts exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return [float(x) for x in t.tolist()]
+
+
+def all_max(values: list[float], device: torch.device, group: Any = None) -> list[float]:
+    """The maximum of a few Python numbers over a group, in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [float(x) for x in t.tolist()]

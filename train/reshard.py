@@ -4,13 +4,11 @@
   universal format (``deepspeed.checkpoint.ds_to_universal``), which any ZeRO partition count
   can load with the optimizer state kept. One rank converts; the others wait on the result's
   commit marker instead of a collective, so a long conversion cannot trip a collective timeout.
-* :func:`iter_state_dict` rebuilds full fp32 tensors from ZeRO 0-3 shards on the CPU one
-  tensor at a time, reading memory-mapped shard files with ``weights_only=True``; peak memory
-  is about one tensor plus ``remap_bytes`` of file pages, however large the model.
-* :func:`write_model_dir` streams those tensors into ``model.safetensors`` + ``model_config.json``
-  (the model-only checkpoint format that ``longtrain export-hf`` reads).
-* :func:`export_hf` streams them, renamed by ``longtrain.model.hf``'s key map, into a sharded
-  transformers directory (what ``longtrain export-hf`` writes for a training checkpoint).
+* :func:`checkpoint_entries` / :func:`iter_state_dict` rebuild full fp32 tensors from ZeRO 0-3
+  shards on the CPU one tensor at a time, reading memory-mapped shard files with
+  ``weights_only=True``; peak memory is about one tensor plus ``remap_bytes`` of file pages,
+  however large the model. ``longtrain.train.export`` streams them into model directories
+  and transformers directories.
 """
 
 from __future__ import annotations
@@ -23,28 +21,31 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from longtrain.model.errors import LongtrainError
+from longtrain.train.files import (
+    COMMIT,
+    UNIVERSAL,
+    atomic_write_text,
+    hash_file,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 __all__ = [
+    "checkpoint_entries",
+    "consolidate_state_dict",
     "ensure_universal",
     "iter_state_dict",
-    "consolidate_state_dict",
-    "write_model_dir",
-    "export_hf",
 ]
 
 log = logging.getLogger(__name__)
-
-UNIVERSAL = "universal"
 
 
 # ----------------------------------------------------------------------------- universal
@@ -57,8 +58,6 @@ def ensure_universal(path: Path, is_converter: bool, timeout_s: float = 3600.0) 
     it only after its own COMMIT marker is written; the others wait for that marker. Verify the
     result against it before loading.
     """
-    from longtrain.train.checkpoint import COMMIT, _atomic_write_text, _hash_file
-
     out = path.parent / UNIVERSAL / path.name
     failed = out.with_name(out.name + ".FAILED")
     if is_converter and not (out / COMMIT).is_file():
@@ -82,11 +81,11 @@ def ensure_universal(path: Path, is_converter: bool, timeout_s: float = 3600.0) 
             t0 = time.monotonic()
             ds_to_universal.main(args)
             files = {
-                f.relative_to(partial).as_posix(): _hash_file(f)
+                f.relative_to(partial).as_posix(): hash_file(f)
                 for f in sorted(partial.rglob("*"))
                 if f.is_file()
             }
-            _atomic_write_text(partial / COMMIT, json.dumps({"source": str(path), "files": files}))
+            atomic_write_text(partial / COMMIT, json.dumps({"source": str(path), "files": files}))
             os.replace(partial, out)
             log.warning(
                 "converted %s to a universal checkpoint in %.1fs", path, time.monotonic() - t0
@@ -156,10 +155,12 @@ class _Shards:
 
 
 Entry = tuple[str, torch.Size, Callable[[], torch.Tensor]]
+"""``(name, shape, fetch)``: a tensor known by its shape, materialised only by ``fetch()``."""
 
 
-def _plan(path: Path, remap_bytes: int) -> tuple[list[Entry], dict[str, str]]:
-    """(name, shape, fetch) for every tensor, in order, plus the shared-parameter aliases."""
+def checkpoint_entries(path: Path, remap_bytes: int) -> tuple[list[Entry], dict[str, str]]:
+    """Every tensor of a (verified) checkpoint as an :data:`Entry`, in order, plus the
+    shared-parameter aliases DeepSpeed stored once (``alias -> source``)."""
     optim = sorted(path.glob("*_optim_states.pt"), key=_rank_key)
     if not optim:  # no ZeRO: the full module lives in the one model file
         model = _load(path / "mp_rank_00_model_states.pt")
@@ -289,11 +290,9 @@ def iter_state_dict(
     Works for ZeRO stages 0-3 and any number of shards, on the CPU, after verifying every file
     against COMMIT. Only one full tensor is alive at a time (plus what the caller keeps).
     """
-    from longtrain.train.checkpoint import resolve_checkpoint, verify_checkpoint
-
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
-    entries, _ = _plan(path, remap_bytes)
+    entries, _ = checkpoint_entries(path, remap_bytes)
     for name, _shape, fetch in entries:
         t = fetch()
         yield name, (t.to(dtype) if t.is_floating_point() else t)
@@ -306,187 +305,9 @@ def consolidate_state_dict(
 
     Tied parameters (DeepSpeed's ``shared_params``) map to the same tensor object.
     """
-    from longtrain.train.checkpoint import resolve_checkpoint
-
     path = resolve_checkpoint(path)
     sd = dict(iter_state_dict(path, dtype))
-    for alias, source in _plan(path, REMAP_BYTES)[1].items():
+    for alias, source in checkpoint_entries(path, REMAP_BYTES)[1].items():
         if source in sd and alias not in sd:
             sd[alias] = sd[source]
     return sd
-
-
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.int64: "I64",
-}
-
-
-def _write_safetensors(
-    file: Path,
-    items: list[tuple[str, torch.Size, Callable[[], torch.Tensor]]],
-    dtype: torch.dtype,
-    metadata: dict[str, str] | None = None,
-) -> int:
-    """Stream ``items`` into one safetensors file; returns the bytes of tensor data.
-
-    The header comes from the shapes alone; then each tensor is fetched, converted, written
-    and dropped, so memory stays at about one tensor. Written to a temporary name first.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    pos = 0
-    for name, shape, _ in items:
-        nbytes = math.prod(shape) * itemsize
-        header[name] = {
-            "dtype": _ST_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [pos, pos + nbytes],
-        }
-        pos += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for _name, _shape, fetch in items:
-            t = fetch().to(dtype).contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no bytes copy
-            del t
-    os.replace(tmp, file)
-    return pos
-
-
-def write_model_dir(
-    path: str | Path,
-    out_dir: str | Path,
-    dtype: torch.dtype = torch.float32,
-    remap_bytes: int = REMAP_BYTES,
-) -> Path:
-    """Write ``model_config.json`` + ``model.safetensors`` from a training checkpoint.
-
-    The safetensors file is streamed (header from the shapes, then one tensor at a time), so
-    memory stays at about one tensor even for models larger than RAM.
-    """
-    from longtrain.train.checkpoint import MODEL_CONFIG, resolve_checkpoint, verify_checkpoint
-
-    path = resolve_checkpoint(path)
-    verify_checkpoint(path)
-    entries, _ = _plan(path, remap_bytes)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(out / "model.safetensors", entries, dtype)
-    shutil.copyfile(path / MODEL_CONFIG, out / MODEL_CONFIG)
-    return out
-
-
-def export_hf(
-    path: str | Path,
-    out_dir: str | Path,
-    tokenizer: str | Path | None = None,
-    dtype: torch.dtype | str = torch.bfloat16,
-    max_shard_size: int | str = "5GB",
-    merge_lora: bool = False,
-    remap_bytes: int = REMAP_BYTES,
-) -> list[str]:
-    """A transformers directory from a training checkpoint, written one tensor at a time.
-
-    The files equal ``longtrain.model.hf.save_hf`` of the consolidated model (config.json,
-    generation_config.json, the tokenizer, ``model.safetensors`` or numbered shards plus
-    ``model.safetensors.index.json``, split by ``save_sharded``'s rule, in the key map's
-    order), but the full state never exists: every tensor is gathered from the ZeRO shards,
-    mapped, converted and written, then dropped. LoRA adapters (``X.lora_a``/``X.lora_b``) are
-    folded into ``X.weight`` as it is written when ``merge_lora`` is set, as
-    ``merge_lora_state_dict`` does. Returns the file names written (tokenizer files aside).
-    """
-    from longtrain.model import hf
-    from longtrain.model.config import ModelConfig
-    from longtrain.train.checkpoint import MODEL_CONFIG, resolve_checkpoint, verify_checkpoint
-
-    if isinstance(dtype, str):
-        if dtype not in hf.DTYPES:
-            raise LongtrainError(f"--dtype: unknown {dtype!r}; use bf16, fp16 or fp32")
-        dtype = hf.DTYPES[dtype]
-    limit = hf.parse_size(max_shard_size)
-    path = resolve_checkpoint(path)
-    cfg_file = path / MODEL_CONFIG
-    if not cfg_file.is_file():
-        raise LongtrainError(f"{path}: no {MODEL_CONFIG}; not a longtrain training checkpoint")
-    cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
-    verify_checkpoint(path)
-    entries, aliases = _plan(path, remap_bytes)
-    fetch = {name: f for name, _, f in entries}
-    shapes = {name: shape for name, shape, _ in entries}
-    for alias, source in aliases.items():  # tied parameters DeepSpeed stored once
-        if source in fetch and alias not in fetch:
-            fetch[alias], shapes[alias] = fetch[source], shapes[source]
-    adapters = {n[: -len(".lora_a")] for n in fetch if n.endswith(".lora_a")}
-    scaling = 0.0
-    if adapters:
-        if not merge_lora:
-            raise LongtrainError(
-                f"{path}: the weights hold LoRA adapters; pass --merge-lora to fold them in"
-            )
-        lcfg = hf._read_json(path / hf.LORA_CONFIG_FILE)
-        scaling = float(lcfg["alpha"]) / float(lcfg["rank"])
-    rows = hf._expand(cfg)
-    names = {n for n in fetch if not n.endswith((".lora_a", ".lora_b"))}
-    missing = [ours for ours, _, _ in rows if ours not in names]
-    extra = sorted(names - {ours for ours, _, _ in rows})
-    if missing or extra:
-        raise LongtrainError(
-            f"{path}: weights do not match {MODEL_CONFIG} (missing {missing[:3]}, unexpected "
-            f"{extra[:3]})"
-        )
-
-    def hf_tensor(ours: str, transform: str) -> Callable[[], torch.Tensor]:
-        def get() -> torch.Tensor:
-            w = fetch[ours]()
-            prefix = ours[: -len(".weight")]
-            if ours.endswith(".weight") and prefix in adapters:
-                a, b = fetch[prefix + ".lora_a"]().float(), fetch[prefix + ".lora_b"]().float()
-                w = (w.float() + scaling * (b @ a)).to(w.dtype)
-            bar.update(1)
-            return hf.TRANSFORMS[transform][0](w, cfg)
-
-        return get
-
-    bar = tqdm(total=len(rows), desc="export-hf", unit="tensor", disable=len(rows) < 64)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[tuple[str, torch.Size, Callable[[], torch.Tensor]]]] = [[]]
-    size = total = 0
-    for ours, theirs, transform in rows:
-        nbytes = math.prod(shapes[ours]) * itemsize
-        if shards[-1] and size + nbytes > limit:  # save_sharded's rule
-            shards.append([])
-            size = 0
-        shards[-1].append((theirs, shapes[ours], hf_tensor(ours, transform)))
-        size += nbytes
-        total += nbytes
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = hf.write_hf_config(cfg, out, tokenizer, dtype)
-    if len(shards) == 1:
-        names_out = [hf.MODEL_WEIGHTS_FILE]
-    else:
-        names_out = [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-        ]
-    weight_map: dict[str, str] = {}
-    for fname, shard in zip(names_out, shards):
-        _write_safetensors(out / fname, shard, dtype, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys((n for n, _, _ in shard), fname))
-    bar.close()
-    files += names_out
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        files.append("model.safetensors.index.json")
-    if tokenizer is not None:
-        from longtrain.data.tokenizer import save_hf_tokenizer
-
-        save_hf_tokenizer(tokenizer, out)
-    return files

@@ -1,20 +1,30 @@
-"""The training loop: build -> parallelize -> step -> log -> eval -> checkpoint.
+"""The one training loop: pretraining and fine-tuning are jobs of stages run by one Trainer.
 
-``longtrain pretrain --config FILE [key=value ...]`` runs this in every process, however it was
-started (one process, ``torchrun -m longtrain.launch``, the ``deepspeed`` launcher, srun). Order
-matters: the config is validated from environment variables alone before any process group
+``longtrain pretrain`` and ``longtrain finetune`` both run :class:`Trainer` in every process,
+however it was started (one process, ``torchrun -m longtrain.launch``, the ``deepspeed``
+launcher, srun). A job is a list of stages (``longtrain.train.stages``): pretraining is one
+stage from scratch; a curriculum or a context extension is several; fine-tuning starts from
+``model.init``. Each stage builds its engine (the SP degree, micro-batch and RoPE may change),
+loads the last checkpoint if there is one, and trains to its end through one step function,
+one logging path, one preemption path, one NaN policy and one evaluation hook. Resuming after
+a crash takes exactly the path a stage boundary takes, which is why an interrupted run equals
+an uninterrupted one bit for bit.
+
+Order matters: the job is validated from environment variables alone before any process group
 exists, so a bad job fails with one line on every rank instead of hanging in a collective.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from longtrain.model.errors import LongtrainError
-from longtrain.train.config import JobConfig, load_job, read_manifest, save_resolved, validate_job
+from longtrain.train import checkpoint as ckpt
+from longtrain.train.artifacts import open_artifact
+from longtrain.train.config import (
+    ROPE_FIELDS,
+    JobConfig,
+    check_data,
+    load_job,
+    read_manifest,
+    save_resolved,
+    validate_job,
+)
 from longtrain.train.engine import (
     build_model,
+    compute_dtype,
     count_tokens,
     deepspeed_config,
     forward_loss,
@@ -38,24 +60,33 @@ from longtrain.train.engine import (
     to_device,
     zero_stage0_grads,
 )
-from longtrain.train.metrics import (
-    MetricsLogger,
-    device_peak_flops,
-    mfu,
-    peak_memory_gb,
+from longtrain.train.eval.validator import check_long_eval, long_eval
+from longtrain.train.export import write_model_output
+from longtrain.train.files import (
+    DEEPSPEED_CONFIG,
+    METRICS,
+    MODEL_CONFIG,
+    find_latest,
+    read_client_state,
+    resolve_checkpoint,
 )
+from longtrain.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gb
 from longtrain.train.parallel import (
     Topology,
-    all_reduce_sum,
+    all_max,
     build_topology,
     env_world,
     init_distributed,
-    setup_accelerator_env,
 )
+from longtrain.train.preempt import PreemptionHandler
+from longtrain.train.stages import Stage, resolve_stages, stage_at, stage_job, stage_model_config
+from longtrain.train.tasks import make_task
 
-# Test hook: comma-separated optimizer steps (1-based) whose loss is made NaN, to exercise the
-# skip-and-stop path without a diverging model.
+# Test hooks. INJECT_NAN_ENV: comma-separated optimizer steps (1-based) whose loss is made NaN,
+# to exercise the skip-and-stop path without a diverging model. CRASH_ENV: exit abruptly (like
+# a killed job) right after this global step and its checkpoint.
 INJECT_NAN_ENV = "LONGTRAIN_INJECT_NAN_STEPS"
+CRASH_ENV = "LONGTRAIN_CRASH_AFTER_STEP"
 
 
 @dataclass
@@ -84,24 +115,28 @@ def train_step(
     """One optimizer step over ``grad_accum`` micro-batches of this rank.
 
     Each micro-batch back-propagates ``local_loss_sum * world / N_global`` (see engine.py), so the
-    update equals the one of a single device seeing every token of the step.
+    update equals the one of a single device seeing every token of the step. The losses stay
+    on the device until one all-reduce at the end: one host sync per step.
     """
     set_lr(engine, lr)
-    local_count = count_tokens(batches)
-    (global_count,) = all_reduce_sum([float(local_count)], device, topo.world_group)
+    counts = torch.tensor([float(count_tokens(batches)), 0.0], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts, group=topo.world_group)
+    global_count = float(counts[0])
     # A step whose every target is masked still has to step in lockstep on all ranks.
     scale = grad_divisor(engine) / max(global_count, 1.0)
-    local_sum = 0.0
+    local_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         loss_sum = forward_loss(engine, to_device(batch, device), job.train.loss_chunk_size)
         if inject_nan:
             loss_sum = loss_sum * float("nan")
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
-        local_sum += float(loss_sum.detach())
+        local_sum += loss_sum.detach().double()
         if i < len(batches) - 1:
             engine.step()
-    (total,) = all_reduce_sum([local_sum], device, topo.world_group)
-    loss = total / max(global_count, 1.0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local_sum, group=topo.world_group)
+    loss = float(local_sum) / max(global_count, 1.0)
     bad = not np.isfinite(loss)
     stage0_norm = None
     if job.parallel.zero_stage == 0:
@@ -121,313 +156,93 @@ def train_step(
     return StepResult(loss=loss, tokens=int(global_count), grad_norm=grad_norm, skipped=bad)
 
 
-@torch.no_grad()
-def job_validation_batches(job: JobConfig, topo: Topology) -> Any:
-    """This rank's validation batches for the job (its DP slice, its SP shard)."""
-    from longtrain.data.loader import validation_batches
-
-    return validation_batches(
-        job.data.dir,
-        seq_len=job.data.seq_len,
-        micro_batch=job.train.micro_batch,
-        dp_rank=topo.dp_rank,
-        dp_size=topo.dp,
-        sp_rank=topo.sp_rank,
-        sp_size=topo.sp,
-        max_batches=job.data.val_batches or None,
-        attention=job.data.attention,
-    )
+# ---- Stateful parts --------------------------------------------------------------------------
 
 
-def evaluate(
-    engine: Any, job: JobConfig, topo: Topology, device: torch.device
-) -> tuple[float, int]:
-    """Validation (mean token loss, tokens) over the held-out split, the same on every rank."""
-    engine.eval()
-    local_sum, local_count = 0.0, 0
-    for batch in job_validation_batches(job, topo):
-        local_sum += float(
-            forward_loss(engine, to_device(batch, device), job.train.loss_chunk_size)
-        )
-        local_count += int((batch["labels"] != -100).sum())
-    engine.train()
-    total, count = all_reduce_sum([local_sum, float(local_count)], device, topo.world_group)
-    return total / max(count, 1.0), int(count)
+class Progress:
+    """Where the run is: the global optimizer step and the tokens seen (Stateful)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
 
 
-def _quiet_deepspeed(rank: int) -> None:
-    """DeepSpeed logs at INFO on every rank; keep warnings (rank 0) and errors."""
+class EarlyStopping:
+    """Best validation loss so far and evaluations without improvement, per stage (Stateful)."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad = 0
+        self.stage: int | None = None
+
+    def enter(self, stage: int) -> None:
+        """Validation losses at another window length do not compare: restart the count."""
+        if self.stage != stage:
+            self.best, self.best_step, self.bad, self.stage = None, None, 0, stage
+
+    def update(self, val_loss: float, step: int) -> tuple[bool, bool]:
+        """(improved and worth keeping, should stop) after one evaluation."""
+        if self.best is None or val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = val_loss, step, 0
+            return self.patience > 0, False
+        self.bad += 1
+        return False, bool(self.patience) and self.bad >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad": self.bad,
+            "stage": self.stage,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state.get("best"), state.get("best_step")
+        self.bad, self.stage = int(state.get("bad", 0)), state.get("stage")
+
+
+class _Window:
+    """Training throughput and mean loss over the steps since the last metrics row."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.start, self.losses = 0, time.perf_counter(), []
+
+    def pause(self, seconds: float) -> None:
+        """Evaluating and saving are not training throughput."""
+        self.start += seconds
+
+
+# ---- output policy ---------------------------------------------------------------------------
+
+
+def quiet_libraries(rank: int) -> None:
+    """The one output policy of every command and launcher: longtrain's own lines, progress
+    bars and errors; library chatter only when it is a real problem, and once.
+
+    DeepSpeed logs at INFO on every rank (WARNING on rank 0 and ERROR elsewhere are kept).
+    torch.distributed and DeepSpeed raise FutureWarning / DeprecationWarning / UserWarning about
+    their own internals on every call; those say nothing a user can act on.
+    """
     try:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     except ImportError:
         pass
-
-
-def _checkpoint_api() -> Any:
-    """The checkpoint module (train/checkpoint.py, owned by the reliability work)."""
-    import longtrain.train.checkpoint as ckpt
-
-    return ckpt
-
-
-def run(job: JobConfig) -> int:
-    """Run a whole pretraining job in this process (one rank of it)."""
-    _, world, _ = env_world()
-    cfg = validate_job(job, world)  # before any process group: fails fast, same on all ranks
-    manifest = read_manifest(job.data.dir)
-
-    rank, world, local = init_distributed(job.parallel.timeout_s)
-    seed_all(job.seed)
-    _quiet_deepspeed(rank)
-    is_main = rank == 0
-    topo = build_topology(job.parallel.sp)
-    device = torch.device(
-        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    )
-    run_dir = Path(job.run_dir)
-    ds_config = deepspeed_config(job, topo, device)
-    if is_main:
-        save_resolved(job, run_dir)
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-        print(
-            f"longtrain: {cfg.num_params() / 1e6:.1f}M params, world {world} = DP {topo.dp} x "
-            f"SP {topo.sp}, ZeRO-{job.parallel.zero_stage}, seq_len {job.data.seq_len}, "
-            f"device {device.type}, run_dir {run_dir}",
-            flush=True,
-        )
-
-    model = build_model(job, cfg, topo, ds_config, device)
-    engine = initialize_engine(job, model, topo, ds_config)
-    if is_main:
-        print(f"longtrain: attention core {model.attention_core}", flush=True)
-
-    from longtrain.data.loader import DistributedLoader
-
-    loader = DistributedLoader(
-        job.data.dir,
-        split="train",
-        seq_len=job.data.seq_len,
-        micro_batch=job.train.micro_batch,
-        dp_rank=topo.dp_rank,
-        dp_size=topo.dp,
-        sp_rank=topo.sp_rank,
-        sp_size=topo.sp,
-        seed=job.seed,
-        attention=job.data.attention,
-        tokenizer_hash=manifest.get("tokenizer_hash"),
-    )
-
-    ckpt = _checkpoint_api()
-    start_step, tokens_seen = 0, 0
-    resume_from: Path | None = None
-    if job.checkpoint.resume == "auto":
-        resume_from = ckpt.find_latest(run_dir)
-    elif job.checkpoint.resume != "never":
-        resume_from = Path(job.checkpoint.resume)
-    if resume_from is not None:
-        client = ckpt.load_checkpoint(
-            engine,
-            resume_from,
-            load_optimizer=True,
-            model_config=cfg.to_dict(),
-            tokenizer_hash=manifest.get("tokenizer_hash"),
-            restore_rng=False,  # restored right before the first step: start-up draws numbers
-        )
-        start_step = int(client["step"])
-        tokens_seen = int(client.get("tokens_seen", 0))
-        loader.load_state_dict(client["loader"])
-        if is_main:
-            print(f"longtrain: resumed from {resume_from} at step {start_step}", flush=True)
-
-    logger = MetricsLogger(
-        run_dir,
-        enabled=is_main,
-        tensorboard=job.log.tensorboard,
-        wandb_project=job.log.wandb_project if job.log.wandb else None,
-        config=job.to_dict(),
-        resume_step=start_step if resume_from is not None else None,
-    )
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    peak, peak_src = device_peak_flops(device, dtype)
-    flops_tok = cfg.flops_per_token(job.data.seq_len, causal=True)
-    if is_main:
-        print(f"longtrain: MFU peak {peak / 1e12:.3f} TFLOP/s per rank ({peak_src})", flush=True)
-
-    handler = ckpt.PreemptionHandler(deadline_s=job.checkpoint.preempt_deadline_s)
-    handler.install()
-
-    saved_step = start_step if resume_from is not None else -1
-
-    def save(step: int) -> Path:
-        nonlocal saved_step
-        saved_step = step
-        client = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "loader": loader.state_dict(),
-            "config": job.to_dict(),
-            "tokenizer_hash": manifest.get("tokenizer_hash"),
-            "world_size": world,
-            "sp": topo.sp,
-        }
-        ckpt.wait_for_pending_save()  # an async save in flight commits before the next one
-        return ckpt.save_checkpoint(
-            engine,
-            run_dir,
-            step,
-            client,
-            cfg.to_dict(),
-            keep=job.checkpoint.keep,
-            async_save=job.checkpoint.async_save,
-        )
-
-    inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
-    if job.log.long_eval_interval:
-        from longtrain.train.evaluate import check_long_eval
-
-        check_long_eval(job)  # a bad passkey length fails now, not at the first long eval
-    ev = job.log.eval_interval
-    if ev and start_step == 0:
-        vl, vt = evaluate(engine, job, topo, device)
-        logger.log({"step": 0, "val_loss": vl, "val_ppl": float(np.exp(min(vl, 50))), "tokens": 0})
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=job.train.steps,
-        initial=start_step,
-        disable=not (is_main and job.log.progress),
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    bad_streak, last_saved = 0, None
-    win_tokens, win_start, win_losses = 0, time.perf_counter(), []
-    step = start_step
-    stopped_early = False
-    if resume_from is not None:
-        # Last, after everything that draws random numbers at start-up (the MFU matmul probe,
-        # evaluation set-up): the steps continue with exactly the RNG the saved run had.
-        ckpt.restore_rng_state(ckpt.resolve_checkpoint(resume_from))
-    try:
-        while step < job.train.steps:
-            batches = [next(loader) for _ in range(job.train.grad_accum)]
-            lr = lr_at(step, job)
-            res = train_step(
-                engine, batches, topo, job, device, lr, inject_nan=(step + 1) in inject
-            )
-            step += 1
-            # All tokens processed (masked or not) measure throughput.
-            step_tokens = job.data.seq_len * job.train.micro_batch * job.train.grad_accum * topo.dp
-            tokens_seen += step_tokens
-            win_tokens += step_tokens
-            if res.skipped:
-                bad_streak += 1
-                if is_main:
-                    bar.write(
-                        f"step {step}: loss is {res.loss} -> update skipped ({bad_streak} in a row)"
-                    )
-                logger.log({"step": step, "loss": res.loss, "lr": lr, "skipped": True})
-                if bad_streak >= job.train.max_bad_steps:
-                    ckpt.wait_for_pending_save()  # the checkpoint named below is committed
-                    where = last_saved or ckpt.find_latest(run_dir)
-                    raise LongtrainError(
-                        f"loss was NaN/Inf for {bad_streak} steps in a row (train.max_bad_steps="
-                        f"{job.train.max_bad_steps}), stopping at step {step}; last good checkpoint: "
-                        f"{where or 'none'}; resume from it with a lower train.lr"
-                    )
-            else:
-                bad_streak = 0
-                win_losses.append(res.loss)
-            bar.update(1)
-            if is_main:
-                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
-            do_eval = bool(ev) and (step % ev == 0 or step == job.train.steps)
-            if (
-                step % job.log.interval == 0 or step == job.train.steps or do_eval
-            ) and not res.skipped:
-                el = time.perf_counter() - win_start
-                tps = win_tokens / max(el, 1e-9)
-                (mem,) = _all_max([peak_memory_gb(device)], device)
-                row = {
-                    "step": step,
-                    # Mean over the steps since the last row: one noisy window is not the trend.
-                    "loss": float(np.mean(win_losses)),
-                    "lr": lr,
-                    "grad_norm": res.grad_norm,
-                    "tokens": tokens_seen,
-                    "tokens_per_s": tps,
-                    "mfu": mfu(flops_tok, tps, world, peak),
-                    "peak_mem_gb": mem,
-                }
-                if do_eval:
-                    vl, _ = evaluate(engine, job, topo, device)
-                    row.update({"val_loss": vl, "val_ppl": float(np.exp(min(vl, 50)))})
-                logger.log(row)
-                win_tokens, win_start, win_losses = 0, time.perf_counter(), []
-            li = job.log.long_eval_interval
-            if li and (step % li == 0 or step == job.train.steps):
-                from longtrain.train.evaluate import long_eval
-
-                t0 = time.perf_counter()
-                logger.log({"step": step, **long_eval(engine, job, topo, device)})
-                win_start += time.perf_counter() - t0  # evaluating is not training throughput
-            ci = job.checkpoint.interval
-            if ci and step % ci == 0 and step < job.train.steps and bad_streak == 0:
-                last_saved = save(step)
-                win_start = time.perf_counter()  # saving is not training throughput
-            if handler.should_stop():
-                if bad_streak == 0:
-                    last_saved = save(step)
-                stopped_early = True
-                if is_main:
-                    bar.write(
-                        f"longtrain: preempted; saved {last_saved}; resume with checkpoint.resume=auto"
-                    )
-                break
-        if not stopped_early and bad_streak == 0 and saved_step != step:
-            last_saved = save(step)
-        ckpt.wait_for_pending_save()  # "done" and exit 0 only once the last save committed
-    finally:
-        bar.close()
-        logger.close()
-        handler.finish()
-        handler.uninstall()
-        # Also after a failure (NaN streak): the curve up to it is what one looks at first.
-        try:
-            png = logger.plot()
-        except Exception as e:  # a plotting problem must not hide the run's own error
-            png = None
-            if is_main:
-                print(f"longtrain: loss curve not written: {e}", flush=True)
-    if is_main:
-        print(f"longtrain: done at step {step}; checkpoint {last_saved}", flush=True)
-        print(f"longtrain: metrics {run_dir / 'metrics.jsonl'}; loss curve {png}", flush=True)
-    dist.barrier()
-    return 0
-
-
-def _all_max(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [float(x) for x in t.tolist()]
-
-
-def _quiet_errors_off_rank0(fn: Any, job_args: argparse.Namespace) -> int:
-    """Run ``fn``; on ranks other than 0 a LongtrainError exits with code 2 without printing,
-    so a failing job shows its one line once instead of once per rank."""
-    try:
-        return int(fn(job_args) or 0)
-    except LongtrainError:
-        if env_world()[0] != 0:
-            sys.exit(2)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for cat in (FutureWarning, DeprecationWarning, UserWarning):
+        for module in (r"torch\.distributed.*", r"deepspeed.*", r"torch\.utils\.checkpoint"):
+            warnings.filterwarnings("ignore", category=cat, module=module)
 
 
 def seed_all(seed: int) -> None:
@@ -441,67 +256,394 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ---- the trainer -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """One rank of a job: validates it, then runs its stages (see the module docstring)."""
+
+    def __init__(self, job: JobConfig, command: str = "pretrain") -> None:
+        _, world, _ = env_world()
+        self.job, self.command = job, command
+        self.init = open_artifact(job.model.init, option="model.init") if job.model.init else None
+        init_cfg = self.init.config() if self.init is not None else None
+        # Every check that can fail runs here, before any process group exists.
+        self.base_cfg = validate_job(job, world, command=command, init_config=init_cfg)
+        self.stages = resolve_stages(job)
+        job.train.steps = self.stages[-1].end
+        self.longest = max(s.seq_len for s in self.stages)
+        manifest = read_manifest(job.data.dir) if job.finetune.task == "lm" else {}
+        if manifest:
+            check_data(job, manifest, self.stages)
+        self.task = make_task(job, manifest.get("tokenizer_hash"), self.longest)
+        self.tokenizer_hash = self.task.tokenizer_hash
+        if job.log.long_eval_interval:
+            check_long_eval(job)  # a bad passkey length fails now, not at the first long eval
+        self.run_dir = Path(job.run_dir)
+        self.progress = Progress()
+        es = job.finetune.early_stopping
+        self.early = EarlyStopping(es.patience, es.min_delta)
+        self.inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+        self.crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """The process group, the device, where to continue from."""
+        job = self.job
+        self.rank, self.world, _ = init_distributed(job.parallel.timeout_s)
+        seed_all(job.seed)
+        quiet_libraries(self.rank)
+        self.is_main = self.rank == 0
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+        self.topos: dict[int, Topology] = {}
+        self.last_ckpt: Path | None = None
+        r = job.checkpoint.resume
+        if r == "auto":
+            self.last_ckpt = find_latest(self.run_dir)
+        elif r != "never":
+            self.last_ckpt = resolve_checkpoint(r)
+        self.resumed = self.last_ckpt is not None
+        self._announced = False
+        if self.resumed:
+            # Read (nothing unpickled) to know the step, hence the stage, before any engine.
+            self.progress.load_state_dict(
+                ckpt.client_parts(read_client_state(self.last_ckpt))["progress"]
+            )
+        self.manager = ckpt.CheckpointManager(
+            self.run_dir,
+            job.to_dict(),
+            self.tokenizer_hash,
+            keep=job.checkpoint.keep,
+            async_save=job.checkpoint.async_save,
+            meta={"finetune": {"task": self.task.name, "pad_token_id": self.task.pad_token_id}},
+        )
+        self.init_state: dict[str, torch.Tensor] | None = None
+        if not self.resumed and self.init is not None:
+            if self.rank == 0 or job.parallel.zero_stage < 3:
+                self.init_state = self._init_weights()
+            else:
+                self.init_state = {}  # ZeRO-3: rank 0 scatters, the others join each gather
+
+    def _init_weights(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU state dict of ``model.init``: adapters merged, the head fitted to the task."""
+        assert self.init is not None
+        sd = self.init.state_dict(merge_lora=True)
+        ft, cfg = self.job.finetune, self.base_cfg
+        if ft.task == "classify":
+            sd.pop("output.weight", None)
+            if "score.weight" in sd and sd["score.weight"].shape[0] != ft.num_labels:
+                sd.pop("score.weight")  # a new label set: a fresh head
+        else:
+            sd.pop("score.weight", None)
+            if "output.weight" not in sd and not cfg.tie_embeddings:
+                raise LongtrainError(
+                    f"model.init={self.init.path}: no LM head (output.weight); task lm needs one"
+                )
+        return sd
+
+    def _topology(self, sp: int) -> Topology:
+        if sp not in self.topos:  # new_group is collective: every rank builds the same ones
+            self.topos[sp] = build_topology(sp)
+        return self.topos[sp]
+
+    def _parts(self, loader: Any) -> dict[str, Any]:
+        return {"progress": self.progress, "loader": loader, "early_stop": self.early}
+
+    def _save(self, engine: Any, loader: Any, cfg: Any) -> Path:
+        extra = {}
+        lora = self.job.finetune.lora
+        if lora.rank:
+            extra["lora_config.json"] = {
+                "rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+            }  # fmt: skip
+        if self.task.name == "classify":
+            extra["head_config.json"] = {
+                "task": "classify",
+                "num_labels": self.job.finetune.num_labels,
+                "pad_token_id": self.task.pad_token_id,
+            }
+        self.last_ckpt = self.manager.save(
+            engine, self.progress.step, self._parts(loader), cfg.to_dict(), extra_files=extra
+        )
+        self.saved_at = self.progress.step
+        return self.last_ckpt
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train every stage to its end (or to a preemption / early stop); 0 on success."""
+        self._start()
+        job = self.job
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.is_main,
+            tensorboard=job.log.tensorboard,
+            wandb_project=job.log.wandb_project if job.log.wandb else None,
+            config=job.to_dict(),
+            resume_step=self.progress.step if self.resumed else None,
+        )
+        self.handler = PreemptionHandler(deadline_s=job.checkpoint.preempt_deadline_s)
+        self.handler.install()
+        self.bar = tqdm(
+            total=job.train.steps,
+            initial=self.progress.step,
+            disable=not (self.is_main and job.log.progress),
+            desc=self.command,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.stopped = self.preempted = False
+        self.bad_streak = 0
+        self.saved_at = self.progress.step if self.resumed else -1
+        try:
+            while self.progress.step < job.train.steps and not self.stopped:
+                self._run_stage(stage_at(self.stages, self.progress.step))
+            ckpt.wait_for_pending_save()  # "done" and exit 0 only once the last save committed
+        finally:
+            self.bar.close()
+            self.logger.close()
+            self.handler.finish()
+            self.handler.uninstall()
+            # Also after a failure (NaN streak): the curve up to it is what one looks at first.
+            try:
+                png = self.logger.plot()
+            except Exception as e:  # a plotting problem must not hide the run's own error
+                png = None
+                if self.is_main:
+                    print(f"longtrain: loss curve not written: {e}", flush=True)
+        self._finish(png)
+        dist.barrier()
+        return 0
+
+    def _finish(self, png: Path | None) -> None:
+        """The closing lines, and ``final/`` for a fine-tuning run that reached its end."""
+        if not self.is_main:
+            return
+        step = self.progress.step
+        print(f"longtrain: done at step {step}; checkpoint {self.last_ckpt}", flush=True)
+        print(f"longtrain: metrics {self.run_dir / METRICS}; loss curve {png}", flush=True)
+        if self.command != "finetune" or self.last_ckpt is None or self.preempted:
+            return
+        final = self.run_dir / "final"
+        write_model_output(
+            self.last_ckpt, final, {"step": step, "data": self.job.to_dict()["data"]}
+        )
+        lora = " --merge-lora" if self.job.finetune.lora.rank else ""
+        print(f"longtrain finetune: model {final}", flush=True)
+        print(
+            f"longtrain finetune: export with `longtrain export-hf --checkpoint {final} --out OUT"
+            f"{lora}`",
+            flush=True,
+        )
+
+    def _build_stage(self, st: Stage) -> tuple[Any, Any, Any, Any, Any]:
+        """Engine, loader, model config, topology and stage job of ``st`` (checkpoint loaded)."""
+        job = self.job
+        sj = stage_job(job, st)
+        cfg = stage_model_config(self.base_cfg, st)
+        topo = self._topology(st.sp)
+        ds_config = deepspeed_config(sj, self.world, self.device)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / DEEPSPEED_CONFIG).write_text(json.dumps(ds_config, indent=2))
+        init = None if self.last_ckpt is not None else self.init_state
+        model = build_model(sj, cfg, topo, ds_config, self.device, init)
+        engine = initialize_engine(sj, model, topo, ds_config)
+        loader = self.task.loader(st, topo)
+        if self.last_ckpt is not None:
+            check_shape_compatible(self.last_ckpt, cfg)
+            self.manager.load(engine, self.last_ckpt, self._parts(loader))
+            if self.is_main and self.resumed and not self._announced:
+                self.bar.write(
+                    f"longtrain: resumed from {self.last_ckpt} at step {self.progress.step}"
+                )
+            self._announced = True
+        if self.is_main:
+            # Only now is the job accepted (a refused resume must not rewrite it).
+            save_resolved(job, self.run_dir)
+            rope = cfg.rope_scaling.to_dict() if cfg.rope_scaling else "default"
+            lora = f", LoRA r={job.finetune.lora.rank}" if job.finetune.lora.rank else ""
+            self.bar.write(
+                f"longtrain {self.command}: {st.name} steps [{st.start}, {st.end}): "
+                f"{cfg.num_params() / 1e6:.1f}M params, world {self.world} = DP {topo.dp} x "
+                f"SP {topo.sp}, ZeRO-{job.parallel.zero_stage}, seq_len {st.seq_len}, rope "
+                f"{rope} theta {cfg.rope_theta:g}, task {self.task.name}{lora}, attention core "
+                f"{model.attention_core}, device {self.device.type}, run_dir {self.run_dir}"
+            )
+        return engine, loader, cfg, topo, sj
+
+    def _run_stage(self, st: Stage) -> None:
+        """Build the engine for stage ``st``, load the last checkpoint, train to its end."""
+        job = self.job
+        engine, loader, cfg, topo, sj = self._build_stage(st)
+        self.early.enter(st.index)
+        if job.log.eval_interval and self.progress.step == st.start:
+            row = {
+                "step": self.progress.step,
+                "stage": st.index,
+                "tokens": self.progress.tokens_seen,
+            }
+            self.logger.log({**row, **self.task.validate(engine, sj, topo, self.device)})
+        peak, src = device_peak_flops(self.device, compute_dtype(sj, self.device))
+        if self.is_main and st.index == self.stages[0].index:
+            self.bar.write(f"longtrain: MFU peak {peak / 1e12:.3f} TFLOP/s per rank ({src})")
+        flops_tok = cfg.flops_per_token(st.seq_len, causal=True)
+        if self.last_ckpt is not None:
+            # Last, after everything that draws random numbers at start-up (the MFU matmul
+            # probe, evaluation set-up): the steps continue with exactly the saved RNG.
+            ckpt.restore_rng_state(self.last_ckpt)
+        win = _Window()
+        while self.progress.step < st.end:
+            if self._step(st, engine, loader, topo, sj, cfg, win, peak, flops_tok):
+                break
+        if self.saved_at != self.progress.step and self.bad_streak == 0:
+            self._save(engine, loader, cfg)  # every stage boundary is a committed checkpoint
+        ckpt.wait_for_pending_save()  # the next stage loads this checkpoint
+        engine.destroy()
+        del engine
+        gc.collect()
+
+    def _step(self, st: Stage, engine: Any, loader: Any, topo: Topology, sj: JobConfig, cfg: Any,
+              win: _Window, peak: float, flops_tok: float) -> bool:  # fmt: skip
+        """One optimizer step with its logging, evaluation and saving; True to leave the stage."""
+        job, prog = self.job, self.progress
+        batches = [next(loader) for _ in range(st.grad_accum)]
+        lr = lr_at(prog.step - st.start, sj)
+        res = train_step(
+            engine, batches, topo, sj, self.device, lr, inject_nan=(prog.step + 1) in self.inject
+        )
+        prog.step += 1
+        step = prog.step
+        # All tokens processed (masked or not) measure throughput.
+        n_tok = st.seq_len * st.micro_batch * st.grad_accum * topo.dp
+        prog.tokens_seen += n_tok
+        win.tokens += n_tok
+        self.bar.update(1)
+        if res.skipped:
+            self._bad_step(step, res, lr)
+        else:
+            self.bad_streak = 0
+            win.losses.append(res.loss)
+            if self.is_main:
+                self.bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
+        ev = job.log.eval_interval
+        do_eval = bool(ev) and (step % ev == 0 or step == st.end)
+        improved = False
+        if (step % job.log.interval == 0 or step == st.end or do_eval) and not res.skipped:
+            el = max(time.perf_counter() - win.start, 1e-9)
+            tps = win.tokens / el
+            (mem,) = all_max([peak_memory_gb(self.device)], self.device)
+            row: dict[str, Any] = {
+                "step": step, "stage": st.index,
+                # Mean over the steps since the last row: one noisy window is not the trend.
+                "loss": float(np.mean(win.losses)), "lr": lr, "grad_norm": res.grad_norm,
+                "tokens": prog.tokens_seen, "tokens_per_s": tps,
+                "mfu": mfu(flops_tok, tps, self.world, peak), "peak_mem_gb": mem,
+            }  # fmt: skip
+            if do_eval:
+                row.update(self.task.validate(engine, sj, topo, self.device))
+                improved, stop = self.early.update(row["val_loss"], step)
+                self.stopped = self.stopped or stop
+            self.logger.log(row)
+            win.reset()
+        li = job.log.long_eval_interval
+        if li and (step % li == 0 or step == job.train.steps):
+            t0 = time.perf_counter()
+            self.logger.log({"step": step, **long_eval(engine, sj, topo, self.device)})
+            win.pause(time.perf_counter() - t0)
+        preempted = self.handler.should_stop()
+        ci = job.checkpoint.interval
+        periodic = bool(ci) and step % ci == 0 and step < job.train.steps
+        if (periodic or improved or self.stopped or preempted) and self.bad_streak == 0:
+            t0 = time.perf_counter()
+            self._save(engine, loader, cfg)
+            win.pause(time.perf_counter() - t0)
+        if improved:
+            ckpt.wait_for_pending_save()  # best/ is made from a committed checkpoint
+            if self.is_main:
+                info = {"step": step, "val_loss": self.early.best, "data": job.to_dict()["data"]}
+                write_model_output(self.last_ckpt, self.run_dir / "best", info)
+            dist.barrier()
+        if self.crash_at and step == self.crash_at:
+            ckpt.wait_for_pending_save()
+            os._exit(17)
+        if preempted:
+            self.preempted = self.stopped = True
+        if self.stopped and self.is_main:
+            e = self.early
+            why = (
+                f"preempted; saved {self.last_ckpt}; resume with checkpoint.resume=auto"
+                if self.preempted
+                else f"early stopping at step {step}; best val_loss {e.best} at step {e.best_step}"
+            )
+            self.bar.write(f"longtrain {self.command}: {why}")
+        return self.stopped
+
+    def _bad_step(self, step: int, res: StepResult, lr: float) -> None:
+        """The NaN policy: skip the update, log it, stop after ``max_bad_steps`` in a row."""
+        self.bad_streak += 1
+        if self.is_main:
+            self.bar.write(
+                f"step {step}: loss is {res.loss} -> update skipped ({self.bad_streak} in a row)"
+            )
+        self.logger.log({"step": step, "loss": res.loss, "lr": lr, "skipped": True})
+        mb = self.job.train.max_bad_steps
+        if self.bad_streak >= mb:
+            ckpt.wait_for_pending_save()  # the checkpoint named below is committed
+            where = self.last_ckpt or find_latest(self.run_dir)
+            raise LongtrainError(
+                f"loss was NaN/Inf for {self.bad_streak} steps in a row (train.max_bad_steps="
+                f"{mb}), stopping at step {step}; last good checkpoint: {where or 'none'}; resume "
+                "from it with a lower train.lr"
+            )
+
+
+def check_shape_compatible(checkpoint: Path, cfg: Any) -> None:
+    """A checkpoint may differ from the run in RoPE and max_seq_len only (stages change them)."""
+    saved = json.loads((Path(checkpoint) / MODEL_CONFIG).read_text())
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in ROPE_FIELDS and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise LongtrainError(
+            f"{checkpoint / MODEL_CONFIG}: {k}={saved.get(k)!r} but this run has {now[k]!r}; "
+            "resume with the checkpoint's model or start a new run_dir"
+        )
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def _one_line_errors(fn: Any, args: argparse.Namespace) -> int:
+    """Run ``fn``; on ranks other than 0 a LongtrainError exits with code 2 without printing,
+    so a failing job shows its one line once instead of once per rank."""
+    try:
+        return int(fn(args) or 0)
+    except LongtrainError:
+        if env_world()[0] != 0:
+            sys.exit(2)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def cli_pretrain(args: argparse.Namespace) -> int:
-    """``longtrain pretrain --config FILE [overrides]``."""
+    """``longtrain pretrain --config FILE [overrides]``: a language model from scratch."""
 
     def go(a: argparse.Namespace) -> int:
-        return run(load_job(a.config, list(a.overrides or [])))
+        return Trainer(load_job(a.config, list(a.overrides or [])), "pretrain").run()
 
-    return _quiet_errors_off_rank0(go, args)
+    return _one_line_errors(go, args)
 
 
 def cli_finetune(args: argparse.Namespace) -> int:
-    """``longtrain finetune``: SFT, context extension, stages, LoRA, classification."""
-    from longtrain.train.finetune import cli_finetune as run_cli  # its own module (issue 6)
+    """``longtrain finetune --config FILE [overrides]``: SFT, context extension, stages, LoRA,
+    classification, from ``model.init``."""
 
-    return run_cli(args)
+    def go(a: argparse.Namespace) -> int:
+        return Trainer(load_job(a.config, list(a.overrides or [])), "finetune").run()
 
-
-def cli_export_hf(args: argparse.Namespace) -> int:
-    """``longtrain export-hf --checkpoint RUN_DIR|CHECKPOINT --out DIR``.
-
-    A training checkpoint (DeepSpeed shards of any ZeRO stage, or a run directory: its latest
-    committed checkpoint) is streamed on the CPU, one tensor at a time, into the files
-    ``longtrain.model.hf.save_hf`` would write (``longtrain.train.reshard.export_hf``).
-    A model-only directory (``import-hf`` output: model_config.json + model.safetensors) is
-    handed to the model room's exporter as it is. Without ``--tokenizer`` the tokenizer the
-    run's data was prepared with is included when it can be found.
-    """
-    setup_accelerator_env()  # before anything imports deepspeed (shard consolidation does)
-    from longtrain.model import hf
-    from longtrain.train.finetune import export_hook
-
-    done = export_hook(args)  # LoRA / classification outputs of `longtrain finetune`
-    if done is not None:
-        return done
-    src = Path(args.checkpoint)
-    if (src / "model.safetensors").is_file() and (src / "model_config.json").is_file():
-        return hf.cli_export_hf(args)
-    ckpt = _checkpoint_api()
-    path = ckpt.resolve_checkpoint(src)
-    if not (path / "model_config.json").is_file():
-        raise LongtrainError(f"{path}: no model_config.json; not a longtrain training checkpoint")
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        state = ckpt.read_client_state(path)
-        data_dir = state.get("config", {}).get("data", {}).get("dir", "")
-        cand = Path(data_dir) / "tokenizer" if data_dir else None
-        if cand is not None and (cand / "tokenizer_meta.json").is_file():
-            tokenizer = str(cand)
-    elif not Path(tokenizer).is_dir():
-        raise LongtrainError(f"--tokenizer {tokenizer}: not a directory")
-    from longtrain.train.reshard import export_hf
-
-    # Streamed tensor by tensor from the ZeRO shards into the HF shards: peak memory stays at
-    # about one tensor, however large the model (bench/bench_checkpoint.py measures it).
-    files = export_hf(
-        path,
-        args.out,
-        tokenizer=tokenizer,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        merge_lora=args.merge_lora,
-    )
-    tok = f", tokenizer from {tokenizer}" if tokenizer else ", no tokenizer"
-    print(f"exported {path} -> {args.out} ({len(files)} model files, {args.dtype}{tok})")
-    return 0
+    return _one_line_errors(go, args)
