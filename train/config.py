@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from longtrain.data.loader import load_manifest
@@ -27,6 +28,7 @@ from longtrain.data.tokenizer import check_tokenizer_hash, tokenizer_hash
 from longtrain.model.config import ModelConfig, get_flavor
 from longtrain.model.errors import LongtrainError
 from longtrain.model.lora import LoRAConfig
+from longtrain.train.offload import check_host_memory, host_bytes_needed
 from longtrain.train.parallel import sp_layout_problem
 from longtrain.train.stages import Stage, resolve_stages, stage_model_config
 
@@ -125,6 +127,12 @@ class TrainSection:
     """Stop the run after this many NaN/Inf losses in a row (each one skips its update)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy (bounds the fp32 logits memory)."""
+    mlp_chunk_size: int = 0
+    """Tokens per tile of the sequence-tiled MLP; 0 = off. The MLP then holds one tile's
+    intermediates (3 x tile x ffn_dim) instead of the rank's micro_batch x seq_len/sp tokens'
+    worth, for one extra MLP forward per step. A tile of a few thousand tokens keeps the
+    matmuls large enough to run at full speed on a GPU while the saving grows with the window;
+    ``model.dim`` is a safe small value (``longtrain plan`` shows what each choice saves)."""
     stages: list = field(default_factory=list)
     """Curriculum: a list of mappings with ``steps`` and any of seq_len, micro_batch,
     grad_accum, sp, lr, warmup, rope_theta, rope_scaling, name (the rest comes from the job),
@@ -159,6 +167,11 @@ class TrainSection:
         _need(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")
         _need(self.loss_chunk_size >= 1, "train.loss_chunk_size must be >= 1")
         _need(
+            self.mlp_chunk_size >= 0,
+            f"train.mlp_chunk_size={self.mlp_chunk_size}: must be >= 0 (0 = off), e.g. the "
+            "model's dim",
+        )
+        _need(
             isinstance(self.stages, list),
             "train.stages must be a list of mappings, e.g. [{steps: 100, seq_len: 512}]",
         )
@@ -178,6 +191,11 @@ class ParallelSection:
     """Keep parameters on CPU between uses (ZeRO-3 only)."""
     activation_checkpointing: str = "none"
     """none | full (recompute every block) | selective (recompute every other block)."""
+    offload_activations: bool = False
+    """Keep the checkpointed blocks' inputs in host memory (pinned, copied on a side stream
+    and prefetched in the backward on GPU) instead of device memory; needs
+    activation_checkpointing full or selective. The host memory it needs is checked against
+    /proc/meminfo before the job starts."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16; master weights stay fp32."""
     timeout_s: int = 1800
@@ -201,6 +219,11 @@ class ParallelSection:
             self.activation_checkpointing in AC_MODES,
             f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
             f"got '{self.activation_checkpointing}'",
+        )
+        _need(
+            not (self.offload_activations and self.activation_checkpointing == "none"),
+            "parallel.offload_activations=true needs parallel.activation_checkpointing=full or "
+            "selective: only the inputs of checkpointed blocks are offloaded",
         )
         _need(
             self.dtype in DTYPES,
@@ -639,6 +662,8 @@ def validate_job(
             f"log.long_eval_passkey={job.log.long_eval_passkey!r}: {bad[0]} is above the "
             f"longest window data.seq_len={longest}; use lengths <= {longest}"
         )
+    if job.parallel.offload_activations:
+        check_offload_memory(job, cfg, stages, world_size)
     r = job.checkpoint.resume
     if r not in ("auto", "never") and not Path(r).is_dir():
         raise LongtrainError(
@@ -648,6 +673,22 @@ def validate_job(
     if Path(job.run_dir).exists() and not Path(job.run_dir).is_dir():
         raise LongtrainError(f"run_dir={job.run_dir} is a file; pass a directory path")
     return cfg
+
+
+def check_offload_memory(
+    job: JobConfig, cfg: ModelConfig, stages: list[Stage], world_size: int
+) -> None:
+    """Refuse activation offload when this host cannot hold what its ranks would put there."""
+    on_gpu = torch.cuda.is_available()
+    bf16 = job.parallel.dtype == "bf16" or (job.parallel.dtype == "auto" and on_gpu)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    need = max(
+        host_bytes_needed(cfg.n_layers, cfg.dim, st.seq_len // st.sp, st.micro_batch, dtype,
+                          job.parallel.activation_checkpointing)
+        for st in stages
+    )  # fmt: skip
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, 8)))
+    check_host_memory(need, ranks_on_host=local)
 
 
 def check_data(job: JobConfig, manifest: dict[str, Any], stages: list[Stage]) -> None:

@@ -28,6 +28,7 @@ from longtrain.model.heads import TransformerForClassification
 from longtrain.model.lora import apply_lora
 from longtrain.model.transformer import Transformer
 from longtrain.train.config import JobConfig
+from longtrain.train.offload import gather_mlp_once_zero3
 from longtrain.train.parallel import Topology, parallelize, setup_accelerator_env
 
 
@@ -265,6 +266,10 @@ def build_model(
         apply_lora(model, lora)
         if isinstance(model, TransformerForClassification):
             model.score.weight.requires_grad_(True)
+    if zero3 and job.train.mlp_chunk_size:
+        # The tiled MLP calls its projections without their module hooks: ZeRO-3 gathers
+        # them once per MLP forward/backward instead (after LoRA added its adapters).
+        gather_mlp_once_zero3(model)
     if zero3 and model.output is not None:
         # The LM head weight is used by the top-level forward (chunked loss), outside the
         # module that owns it; ZeRO-3 must gather it for that forward and its backward.

@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.model.errors import LongtrainError
+from longtrain.model.tiled import apply_tiled_mlp
+from longtrain.train.offload import ActivationOffload, apply_activation_offload, checkpointed_blocks
 
 
 def setup_accelerator_env() -> str:
@@ -254,13 +256,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     checkpoints and HF export) are unchanged. Non-reentrant checkpointing is what ZeRO-3's
     parameter-gathering hooks support.
     """
-    if mode == "none":
-        return 0
-    every = 1 if mode == "full" else 2
     n = 0
-    for i, block in enumerate(model.layers):
-        if i % every != 0:
-            continue
+    for i in checkpointed_blocks(len(model.layers), mode):
+        block = model.layers[i]
         inner = block.forward
 
         def ckpt_forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
@@ -275,13 +273,23 @@ def parallelize(model: nn.Module, topo: Topology, job: Any | None) -> nn.Module:
     """Apply parallelism to a plain single-device model: the only sequence of ``apply_*`` calls.
 
     In order: sequence parallelism wraps each block's attention core (the model's math is
-    untouched), then activation checkpointing wraps each block's forward (so a recompute
-    replays the all-to-alls too). ``job=None`` is evaluation: sequence parallelism only.
+    untouched); the MLP is tiled along the sequence (``train.mlp_chunk_size``); activation
+    checkpointing wraps each block's forward (so a recompute replays the all-to-alls and the
+    tiles too); the checkpointed block inputs are routed to host memory
+    (``parallel.offload_activations``; the offloader is kept as ``model.activation_offload``
+    for its byte counters). ``job=None`` is evaluation: sequence parallelism only.
     Returns the same module, changed in place.
     """
     apply_ulysses(model, topo, model.cfg.n_kv_heads)
-    if job is not None:
-        apply_activation_checkpointing(model, job.parallel.activation_checkpointing)
+    if job is None:
+        return model
+    mode = job.parallel.activation_checkpointing
+    apply_tiled_mlp(model, job.train.mlp_chunk_size)
+    apply_activation_checkpointing(model, mode)
+    if job.parallel.offload_activations:
+        device = next(model.parameters()).device
+        model.activation_offload = ActivationOffload(device)
+        apply_activation_offload(model, model.activation_offload, mode)
     return model
 
 

@@ -70,10 +70,18 @@ from longtrain.train.files import (
     read_client_state,
     resolve_checkpoint,
 )
-from longtrain.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gb
+from longtrain.train.metrics import (
+    FlopsMeter,
+    MetricsLogger,
+    device_peak_flops,
+    peak_memory,
+    reset_peak_memory,
+    set_tf32_policy,
+)
 from longtrain.train.parallel import (
     Topology,
     all_max,
+    all_reduce_sum,
     build_topology,
     env_world,
     init_distributed,
@@ -297,6 +305,11 @@ class Trainer:
         self.is_main = self.rank == 0
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+        # One explicit TF32 policy: fp32 matmuls may use TF32 only in a run that computes in
+        # bf16 anyway (its fp32 leftovers are not where the precision is).
+        tf32 = set_tf32_policy(enabled=compute_dtype(job, self.device) != torch.float32)
+        if self.is_main:
+            print(f"longtrain: {tf32}", flush=True)
         self.topos: dict[int, Topology] = {}
         self.last_ckpt: Path | None = None
         r = job.checkpoint.resume
@@ -488,15 +501,16 @@ class Trainer:
             self.logger.log({**row, **self.task.validate(engine, sj, topo, self.device)})
         peak, src = device_peak_flops(self.device, compute_dtype(sj, self.device))
         if self.is_main and st.index == self.stages[0].index:
-            self.bar.write(f"longtrain: MFU peak {peak / 1e12:.3f} TFLOP/s per rank ({src})")
-        flops_tok = cfg.flops_per_token(st.seq_len, causal=True)
+            what = f"{peak / 1e12:.3f} TFLOP/s per rank" if peak else "none, MFU not logged"
+            self.bar.write(f"longtrain: MFU peak {what} ({src})")
+        meter = FlopsMeter(cfg, sp=topo.sp)
         if self.last_ckpt is not None:
             # Last, after everything that draws random numbers at start-up (the MFU matmul
             # probe, evaluation set-up): the steps continue with exactly the saved RNG.
             ckpt.restore_rng_state(self.last_ckpt)
         win = _Window()
         while self.progress.step < st.end:
-            if self._step(st, engine, loader, topo, sj, cfg, win, peak, flops_tok):
+            if self._step(st, engine, loader, topo, sj, cfg, win, peak, meter):
                 break
         if self.saved_at != self.progress.step and self.bad_streak == 0:
             self._save(engine, loader, cfg)  # every stage boundary is a committed checkpoint
@@ -506,10 +520,12 @@ class Trainer:
         gc.collect()
 
     def _step(self, st: Stage, engine: Any, loader: Any, topo: Topology, sj: JobConfig, cfg: Any,
-              win: _Window, peak: float, flops_tok: float) -> bool:  # fmt: skip
+              win: _Window, peak: float | None, meter: FlopsMeter) -> bool:  # fmt: skip
         """One optimizer step with its logging, evaluation and saving; True to leave the stage."""
         job, prog = self.job, self.progress
         batches = [next(loader) for _ in range(st.grad_accum)]
+        for b in batches:  # the CPU cu_seqlens, before the batch moves: no device sync
+            meter.add(b["cu_seqlens"], seq_len=st.seq_len, batch=int(b["input_ids"].shape[0]))
         lr = lr_at(prog.step - st.start, sj)
         res = train_step(
             engine, batches, topo, sj, self.device, lr, inject_nan=(prog.step + 1) in self.inject
@@ -533,21 +549,23 @@ class Trainer:
         improved = False
         if (step % job.log.interval == 0 or step == st.end or do_eval) and not res.skipped:
             el = max(time.perf_counter() - win.start, 1e-9)
-            tps = win.tokens / el
-            (mem,) = all_max([peak_memory_gb(self.device)], self.device)
             row: dict[str, Any] = {
                 "step": step, "stage": st.index,
                 # Mean over the steps since the last row: one noisy window is not the trend.
                 "loss": float(np.mean(win.losses)), "lr": lr, "grad_norm": res.grad_norm,
-                "tokens": prog.tokens_seen, "tokens_per_s": tps,
-                "mfu": mfu(flops_tok, tps, self.world, peak), "peak_mem_gb": mem,
+                "tokens": prog.tokens_seen, "tokens_per_s": win.tokens / el,
             }  # fmt: skip
+            flops = all_reduce_sum(meter.totals(), self.device, topo.world_group)
+            row.update(FlopsMeter.row(flops, el, self.world, peak))
+            row.update(self._memory(engine))
             if do_eval:
                 row.update(self.task.validate(engine, sj, topo, self.device))
                 improved, stop = self.early.update(row["val_loss"], step)
                 self.stopped = self.stopped or stop
             self.logger.log(row)
             win.reset()
+            meter.reset()
+            reset_peak_memory(self.device)
         li = job.log.long_eval_interval
         if li and (step % li == 0 or step == job.train.steps):
             t0 = time.perf_counter()
@@ -580,6 +598,16 @@ class Trainer:
             )
             self.bar.write(f"longtrain {self.command}: {why}")
         return self.stopped
+
+    def _memory(self, engine: Any) -> dict[str, float]:
+        """Peak memory since the last row (max over ranks), and host memory of offload."""
+        mem = peak_memory(self.device)
+        offload = getattr(engine.module, "activation_offload", None)
+        if offload is not None:
+            mem["offload_host_gb"] = offload.peak_host_bytes / 1e9
+            offload.reset_counters()
+        keys = sorted(mem)
+        return dict(zip(keys, all_max([mem[k] for k in keys], self.device)))
 
     def _bad_step(self, step: int, res: StepResult, lr: float) -> None:
         """The NaN policy: skip the update, log it, stop after ``max_bad_steps`` in a row."""
