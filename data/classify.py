@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from longtrain.data.loader import sp_shard_indices
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.model.errors import LongtrainError
 
@@ -97,8 +98,9 @@ class ClassifyData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, rows: np.ndarray, sp_rank: int, sp_size: int) -> dict[str, Any]:
-        """Rows (B,) (-1 = padding row, no label) -> a loader-contract batch for one SP rank."""
+    def batch(self, rows: np.ndarray, sp_rank: int, sp_size: int, ring: int = 1) -> dict[str, Any]:
+        """Rows (B,) (-1 = padding row, no label) -> a loader-contract batch for one SP rank
+        (its shard of ``sp_shard_indices``: zigzag chunks under ring attention)."""
         valid = rows >= 0
         r = np.where(valid, rows, 0)
         ids = self.ids[r]  # (B, T)
@@ -107,12 +109,12 @@ class ClassifyData:
         B, T = ids.shape
         labels = np.full((B, T), IGNORE, dtype=np.int64)
         labels[np.arange(B), lengths - 1] = classes
-        lo, hi = sp_rank * T // sp_size, (sp_rank + 1) * T // sp_size
+        cut = sp_shard_indices(T, sp_rank, sp_size, ring)  # (T/sp,) window positions
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
         return {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(ids[:, lo:hi])),  # (B, T/sp)
-            "labels": torch.from_numpy(np.ascontiguousarray(labels[:, lo:hi])),  # (B, T/sp)
-            "position_ids": torch.from_numpy(np.ascontiguousarray(pos[:, lo:hi])),  # (B, T/sp)
+            "input_ids": torch.from_numpy(np.ascontiguousarray(ids[:, cut])),  # (B, T/sp)
+            "labels": torch.from_numpy(np.ascontiguousarray(labels[:, cut])),  # (B, T/sp)
+            "position_ids": torch.from_numpy(np.ascontiguousarray(pos[:, cut])),  # (B, T/sp)
             "cu_seqlens": None,  # one causal sequence per row; padding comes after it
             "max_seqlen": None,
             "lengths": torch.from_numpy(lengths),
@@ -133,8 +135,9 @@ class ClassifyLoader:
         sp_rank: int,
         sp_size: int,
         seed: int,
+        ring: int = 1,
     ) -> None:
-        self.data, self.micro_batch, self.seed = data, micro_batch, seed
+        self.data, self.micro_batch, self.seed, self.ring = data, micro_batch, seed, ring
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
         self.consumed_samples = 0
 
@@ -154,7 +157,7 @@ class ClassifyLoader:
     def __next__(self) -> dict[str, Any]:
         rows = self._rows(self.consumed_samples + self.dp_rank * self.micro_batch, self.micro_batch)
         self.consumed_samples += self.micro_batch * self.dp_size
-        return self.data.batch(rows, self.sp_rank, self.sp_size)
+        return self.data.batch(rows, self.sp_rank, self.sp_size, self.ring)
 
     def state_dict(self) -> dict[str, Any]:
         """Global position (rank independent)."""
@@ -175,10 +178,16 @@ class ClassifyLoader:
 
 
 def classify_val_batches(
-    data: ClassifyData, micro_batch: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int
+    data: ClassifyData,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    sp_rank: int,
+    sp_size: int,
+    ring: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Every validation row once; all ranks yield the same number of batches (padding rows)."""
     n, per = len(data), micro_batch * dp_size
     for step in range(-(-n // per)):
         g = step * per + dp_rank * micro_batch + np.arange(micro_batch, dtype=np.int64)
-        yield data.batch(np.where(g < n, g, -1), sp_rank, sp_size)
+        yield data.batch(np.where(g < n, g, -1), sp_rank, sp_size, ring)

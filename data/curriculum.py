@@ -42,8 +42,10 @@ class StagedLoader:
         seed: int = 0,
         attention: str = "document",
         tokenizer_hash: str | None = None,
+        ring: int = 1,
     ) -> None:
-        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention, ring)
+        self.ring = ring  # ring attention degree inside SP: the zigzag layout of to_batch
         if longest % seq_len:
             raise LongtrainError(f"seq_len={seq_len} does not divide the longest stage {longest}")
         self.longest, self.seq_len, self.micro_batch = longest, seq_len, micro_batch
@@ -86,7 +88,7 @@ class StagedLoader:
         ids = self.window_ids(start, self.micro_batch)
         self.cursor += self.micro_batch * self.dp_size * self.seq_len
         packed = pack_from_stream(self.stream, ids, self.seq_len, self.attention)
-        return to_batch(packed, ids, self.sp_rank, self.sp_size)
+        return to_batch(packed, ids, self.sp_rank, self.sp_size, self.ring)
 
     def state_dict(self) -> dict[str, Any]:
         """The global token cursor plus what must match on resume."""

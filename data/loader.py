@@ -11,7 +11,11 @@ samples. Steps may straddle an epoch boundary; nothing is dropped or repeated.
 All ranks of a sequence-parallel group read the same windows; SP rank ``s`` of ``P`` keeps
 tokens ``[s*L/P, (s+1)*L/P)`` of the inputs, of the *already shifted* labels and of the
 position ids, while ``cu_seqlens`` / ``max_seqlen`` describe the full window (the attention
-core sees the whole sequence after the Ulysses all-to-all).
+core sees the whole sequence after the Ulysses all-to-all). With ring attention
+(``ring > 1``, hybrid SP ``P = ulysses x ring``) SP rank ``s`` keeps the tokens
+:func:`sp_shard_indices` names instead: its ring rank's two zigzag chunks, cut into
+``ulysses`` pieces; the same indices cut inputs, labels and positions, so labels stay shifted
+before the split and every document keeps its positions, however it straddles the chunks.
 
 Integrity: :func:`open_split` checks each file's header and size against the manifest;
 :func:`verify_data_dir` (called once at start-up) adds sha256 and token-range checks, with a
@@ -39,6 +43,7 @@ from longtrain.data.packing import (
 )
 from longtrain.data.prepare import VERIFIED, write_json_atomic
 from longtrain.model.errors import LongtrainError
+from longtrain.model.ring_attention import ring_portion
 
 MANIFEST = "manifest.json"
 
@@ -267,7 +272,7 @@ def verify_data_dir(data_dir: str | Path, progress: bool = True) -> None:
         pass  # a read-only data directory: verified, just not cached on disk
 
 
-def check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int, attention: str) -> None:  # fmt: skip
+def check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int, attention: str, ring: int = 1) -> None:  # fmt: skip
     """The rank and window arguments every loader takes, checked once for all of them."""
     if seq_len < 1 or micro_batch < 1:
         raise LongtrainError(f"seq_len={seq_len}, micro_batch={micro_batch}: must be positive")
@@ -279,23 +284,52 @@ def check_parallel(seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, s
         raise LongtrainError(
             f"seq_len={seq_len}: must be divisible by the sequence-parallel size {sp_size}"
         )
+    if ring < 1 or sp_size % ring:
+        raise LongtrainError(f"ring={ring}: must divide the sequence-parallel size {sp_size}")
+    if ring > 1 and seq_len % (2 * sp_size):
+        raise LongtrainError(
+            f"seq_len={seq_len}: ring attention cuts windows into 2 x ring chunks split over "
+            f"the Ulysses ranks; use a multiple of 2 x sp = {2 * sp_size}"
+        )
     if attention not in ATTENTION_MODES:
         raise LongtrainError(f"attention={attention!r}: choose one of {ATTENTION_MODES}")
 
 
+def sp_shard_indices(seq_len: int, sp_rank: int, sp: int, ring: int = 1) -> np.ndarray:
+    """Window positions SP rank ``sp_rank`` of ``sp`` holds, in its local order (int64).
+
+    ``ring=1``: the contiguous ``[s*L/sp, (s+1)*L/sp)``. Hybrid SP (``sp = ulysses x ring``,
+    ``ulysses_rank = s % ulysses``, ``ring_rank = s // ulysses``): the ring rank's zigzag
+    portion (``longtrain.model.ring_attention.ring_portion``: chunks ``r`` and ``2R-1-r`` of
+    ``2R``) cut into ``ulysses`` contiguous pieces, piece ``ulysses_rank``. The Ulysses
+    all-to-all concatenates the pieces in rank order, which gives the ring core its portion.
+    """
+    if ring == 1:
+        return np.arange(sp_rank * seq_len // sp, (sp_rank + 1) * seq_len // sp, dtype=np.int64)
+    u = sp // ring
+    portion = ring_portion(seq_len, sp_rank // u, ring)  # (L/R,)
+    n = len(portion) // u
+    j = sp_rank % u
+    return portion[j * n : (j + 1) * n]
+
+
 def to_batch(
-    packed: dict[str, Any], sample_ids: np.ndarray, sp_rank: int, sp_size: int
+    packed: dict[str, Any], sample_ids: np.ndarray, sp_rank: int, sp_size: int, ring: int = 1
 ) -> dict[str, Any]:
-    """The loader contract from packed windows: this SP rank's slice of inputs, shifted labels
-    and positions, the full window's ``cu_seqlens`` and ``max_seqlen``, and the sample ids."""
+    """The loader contract from packed windows: this SP rank's shard of inputs, shifted labels
+    and positions (:func:`sp_shard_indices`), the full window's ``cu_seqlens`` and
+    ``max_seqlen``, and the sample ids."""
     L = packed["input_ids"].shape[1]
-    lo, hi = sp_rank * L // sp_size, (sp_rank + 1) * L // sp_size
-    # Shifted labels are split like the inputs: the label at a shard boundary stays with the
-    # earlier shard, the one whose last input predicts it.
+    if ring == 1:
+        cut = slice(sp_rank * L // sp_size, (sp_rank + 1) * L // sp_size)
+    else:
+        cut = sp_shard_indices(L, sp_rank, sp_size, ring)  # zigzag: an index, not a slice
+    # Shifted labels are cut like the inputs: the label at a shard boundary stays with the
+    # input that predicts it.
     return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(packed["input_ids"][:, lo:hi])),
-        "labels": torch.from_numpy(np.ascontiguousarray(packed["labels"][:, lo:hi])),
-        "position_ids": torch.from_numpy(np.ascontiguousarray(packed["position_ids"][:, lo:hi])),
+        "input_ids": torch.from_numpy(np.ascontiguousarray(packed["input_ids"][:, cut])),
+        "labels": torch.from_numpy(np.ascontiguousarray(packed["labels"][:, cut])),
+        "position_ids": torch.from_numpy(np.ascontiguousarray(packed["position_ids"][:, cut])),
         "cu_seqlens": torch.from_numpy(packed["cu_seqlens"].astype(np.int32)),
         "max_seqlen": int(packed["max_seqlen"]),
         "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
@@ -318,8 +352,10 @@ class DistributedLoader:
         seed: int = 0,
         attention: str = "document",
         tokenizer_hash: str | None = None,
+        ring: int = 1,
     ) -> None:
-        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention, ring)
+        self.ring = ring
         self.data_dir = Path(data_dir)
         self.split, self.seq_len, self.micro_batch = split, seq_len, micro_batch
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
@@ -369,7 +405,7 @@ class DistributedLoader:
         ids = self.global_samples(start, self.micro_batch)
         self.consumed_samples += self.global_batch
         packed = pack_from_stream(self.stream, ids, self.seq_len, self.attention)
-        return to_batch(packed, ids, self.sp_rank, self.sp_size)
+        return to_batch(packed, ids, self.sp_rank, self.sp_size, self.ring)
 
     def state_dict(self) -> dict[str, Any]:
         """Global position (rank-independent), plus what must match on resume."""
@@ -405,6 +441,7 @@ def validation_batches(
     max_batches: int | None = None,
     attention: str = "document",
     tokenizer_hash: str | None = None,
+    ring: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Every window of the ``val`` split once, in order, sliced like :class:`DistributedLoader`.
 
@@ -412,7 +449,7 @@ def validation_batches(
     padded with repeats of window 0 whose labels are all ``-100`` and ``sample_ids`` are -1, so
     they add no loss and no token count.
     """
-    check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+    check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention, ring)
     stream, _ = open_split(data_dir, "val", tokenizer_hash)
     n = num_windows(stream.total_tokens, seq_len)
     if n == 0:
@@ -429,4 +466,4 @@ def validation_batches(
         valid = g < n
         packed = pack_from_stream(stream, np.where(valid, g, 0), seq_len, attention)
         packed["labels"][~valid] = IGNORE_INDEX
-        yield to_batch(packed, np.where(valid, g, -1), sp_rank, sp_size)
+        yield to_batch(packed, np.where(valid, g, -1), sp_rank, sp_size, ring)

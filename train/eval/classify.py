@@ -25,7 +25,7 @@ def evaluate_classify(
     conf = torch.zeros(C, C, dtype=torch.float64, device=device)  # [true, predicted]
     loss_sum = 0.0
     for batch in classify_val_batches(
-        data, micro_batch, topo.dp_rank, topo.dp, topo.sp_rank, topo.sp
+        data, micro_batch, topo.dp_rank, topo.dp, topo.sp_rank, topo.sp, topo.ring
     ):
         labels = batch["labels"].to(device)
         logits = engine(

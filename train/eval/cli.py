@@ -4,10 +4,10 @@ Tasks: ``ppl`` writes the validation loss by position bucket (``ppl_by_position.
 ``.png``); ``passkey`` writes retrieval accuracy by context length x depth (``passkey.json``
 and the heatmap ``passkey.png``).
 
-Distributed: ``torchrun --nproc_per_node N -m longtrain.launch eval ... --sp P`` splits every
-window (and every passkey prompt) over ``P`` sequence-parallel ranks with the same Ulysses
-wrapping as training (``longtrain.train.parallel.parallelize``), for contexts whose
-activations do not fit one device; the ``N / P`` data-parallel groups share the windows /
+Distributed: ``torchrun --nproc_per_node N -m longtrain.launch eval ... --sp P [--ring R]``
+splits every window (and every passkey prompt) over ``P`` sequence-parallel ranks with the
+same Ulysses / ring wrapping and token layout as training (``parallelize``,
+``longtrain.data.loader.sp_shard_indices``), for contexts whose activations do not fit one device; the ``N / P`` data-parallel groups share the windows /
 samples. Every rank holds the whole model (evaluation keeps no optimizer state; SP splits the
 activations, which is what grows with the context). Only rank 0 writes and prints. The model
 runs on the GPU in bf16 when there is one.
@@ -100,6 +100,9 @@ def cli_eval(args: argparse.Namespace) -> int:
         raise LongtrainError(f"--samples {args.samples}: must be >= 1")
     if args.sp < 1:
         raise LongtrainError(f"--sp {args.sp}: must be >= 1")
+    ring = getattr(args, "ring", 1)  # callers that build their own Namespace may omit it
+    if ring < 1 or args.sp % ring:
+        raise LongtrainError(f"--ring {ring}: must divide --sp {args.sp} (sp = ulysses x ring)")
     rank, world, _ = env_world()
     if world % args.sp != 0:
         hint = f"; launch with torchrun --nproc_per_node {args.sp} -m longtrain.launch eval ..."
@@ -109,19 +112,24 @@ def cli_eval(args: argparse.Namespace) -> int:
         )
     if args.seq_len is not None and args.seq_len % args.sp != 0:
         raise LongtrainError(f"--seq-len {args.seq_len}: must be divisible by --sp {args.sp}")
+    if args.seq_len is not None and ring > 1 and args.seq_len % (2 * args.sp):
+        raise LongtrainError(
+            f"--seq-len {args.seq_len}: with --ring {ring} it must be a multiple of 2 x --sp = "
+            f"{2 * args.sp} (2 x ring zigzag chunks, split over the Ulysses ranks)"
+        )
     setup_accelerator_env()  # before anything imports deepspeed (shard consolidation does)
     src = args.hf or args.checkpoint
     art = open_artifact(src, option="--hf" if args.hf else "--checkpoint")
     cfg = art.config()
-    problem = sp_layout_problem(cfg.n_heads, cfg.n_kv_heads, args.sp) if args.sp > 1 else None
+    problem = sp_layout_problem(cfg.n_heads, cfg.n_kv_heads, args.sp, ring) if args.sp > 1 else None
     if problem:  # the training's rule and message, before any process group exists
-        raise LongtrainError(f"--sp {args.sp} {problem}")
+        raise LongtrainError(f"--sp {args.sp} {problem.replace('parallel.ring', '--ring')}")
     if world == 1:
         return _run_eval(args, art, None)
     owns_group = not dist.is_initialized()
     try:
         init_distributed(args.timeout)
-        return _run_eval(args, art, build_topology(args.sp))
+        return _run_eval(args, art, build_topology(args.sp, ring))
     except LongtrainError:
         if rank != 0:
             sys.exit(2)  # the job's one line is printed by rank 0 only
@@ -157,7 +165,8 @@ def _run_eval(args: argparse.Namespace, art: Artifact, topo: Topology | None) ->
 def _ranks(topo: Topology | None) -> tuple[int, int, int, int, str]:
     dp, dp_rank = (topo.dp, topo.dp_rank) if topo else (1, 0)
     sp, sp_rank = (topo.sp, topo.sp_rank) if topo else (1, 0)
-    note = f" on {topo.world_size} ranks (DP {dp} x SP {sp})" if topo else ""
+    ring = f", ring {topo.ring}" if topo and topo.ring > 1 else ""
+    note = f" on {topo.world_size} ranks (DP {dp} x SP {sp}{ring})" if topo else ""
     return dp, dp_rank, sp, sp_rank, note
 
 
@@ -177,17 +186,22 @@ def _run_ppl(args: argparse.Namespace, art: Artifact, model: Any, device: torch.
     )
     seq_len = args.seq_len or int(info.get("seq_len") or model.cfg.max_seq_len)
     _check_length(seq_len, model.cfg.max_seq_len, "--seq-len", main)
-    if seq_len % sp != 0:
+    ring = topo.ring if topo else 1
+    step = sp if ring == 1 else 2 * sp
+    if seq_len % step != 0:
         raise LongtrainError(
-            f"eval ppl: seq_len {seq_len} is not divisible by --sp {sp}; pass --seq-len"
+            f"eval ppl: seq_len {seq_len} is not divisible by {'--sp' if ring == 1 else '2 x --sp'}"
+            f" {step}; pass --seq-len"
         )
     batches = validation_batches(
         data, seq_len, 1, dp_rank=dp_rank, dp_size=dp, sp_rank=sp_rank, sp_size=sp,
         max_batches=-(-args.samples // dp), attention=info.get("attention", "document"),
+        ring=ring,
     )  # fmt: skip
     res = eval_ppl(model, batches, seq_len, args.bucket, device, topo, progress=main)
     name = args.checkpoint or args.hf
-    res.update({"model": str(name), "data": str(data), "dp": dp, "sp": sp})
+    res.update({"model": str(name), "data": str(data), "dp": dp, "sp": sp,
+                "ring": topo.ring if topo else 1})  # fmt: skip
     if not main:
         return 0
     json_path, png = out / "ppl_by_position.json", out / "ppl_by_position.png"
@@ -240,7 +254,8 @@ def _run_passkey(args: argparse.Namespace, art: Artifact, model: Any, device: to
     samples = passkey_grid(encoder, lengths, depths, args.samples, args.seed)
     res = eval_passkey(model, samples, lengths, depths, device, topo, progress=main)
     name = args.checkpoint or args.hf
-    res.update({"model": str(name), "seed": args.seed, "dp": dp, "sp": sp})
+    res.update({"model": str(name), "seed": args.seed, "dp": dp, "sp": sp,
+                "ring": topo.ring if topo else 1})  # fmt: skip
     if not main:
         return 0
     json_path, png = out / "passkey.json", out / "passkey.png"

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from longtrain.data.loader import sp_shard_indices
 from longtrain.data.passkey import PasskeySample, answer_correct
 from longtrain.train.eval.ppl import collective_device, gathered_head, pyplot
 
@@ -40,10 +41,11 @@ def answer_scores(
 ) -> tuple[list[int], list[float]]:
     """(greedy prediction, negative log-likelihood) of each of the key's tokens, teacher-forced.
 
-    Under sequence parallelism (``topo.sp > 1``) every rank of the SP group runs its slice of
-    the prompt; the prompt is padded at the end to a multiple of ``sp`` with a separate
-    document of pad tokens (causal: nothing before it sees it), and each key token is scored
-    by the rank that holds the position predicting it.
+    Under sequence parallelism (``topo.sp > 1``) every rank of the SP group runs its shard of
+    the prompt (``sp_shard_indices``: a slice, or zigzag chunks under ring attention); the
+    prompt is padded at the end to a multiple of ``sp`` (``2 * sp`` with a ring) with a
+    separate document of pad tokens (causal: nothing before it sees it), and each key token is
+    scored by the rank that holds the position predicting it.
     """
     a, n = sample.answer_start, len(sample.answer_ids)
     target = torch.tensor(sample.answer_ids, device=device)  # (n,)
@@ -54,21 +56,24 @@ def answer_scores(
             logits = (h[0, a - 1 : a - 1 + n] @ w.t()).float()  # (n, V): j predicts j+1
         nll = F.cross_entropy(logits, target, reduction="none")  # (n,)
         return logits.argmax(-1).tolist(), nll.tolist()
-    L, P = sample.length, topo.sp
-    Lp = -(-L // P) * P
+    L, P, R = sample.length, topo.sp, topo.ring
+    step = P if R == 1 else 2 * P  # the zigzag chunks of a ring split evenly
+    Lp = -(-L // step) * step
     ids = torch.tensor(sample.input_ids + [0] * (Lp - L), device=device)  # (Lp,)
     pos = torch.cat([torch.arange(L), torch.arange(Lp - L)]).to(device)  # (Lp,)
     cu = torch.tensor([0, L] + ([Lp] if Lp > L else []), dtype=torch.int32, device=device)
-    lo, hi = topo.sp_rank * Lp // P, (topo.sp_rank + 1) * Lp // P
+    shard = torch.from_numpy(sp_shard_indices(Lp, topo.sp_rank, P, R)).to(device)  # (Lp/sp,)
     # max_seqlen=L on every rank: the same RoPE lengths (dynamic NTK) as the one-device run.
-    h = model.hidden(ids[None, lo:hi], pos[None, lo:hi], cu, L)  # (1, Lp/sp, dim)
+    h = model.hidden(ids[None, shard], pos[None, shard], cu, L)  # (1, Lp/sp, dim)
     want = torch.arange(a - 1, a - 1 + n, device=device)  # global positions predicting the key
-    mine = (want >= lo) & (want < hi)  # (n,)
+    local = torch.full((Lp,), -1, dtype=torch.long, device=device)
+    local[shard] = torch.arange(len(shard), device=device)  # window position -> local row
+    mine = local[want] >= 0  # (n,)
     # Row 0: predicted ids, row 1: NLL; float64 holds token ids exactly.
     out = torch.zeros(2, n, dtype=torch.float64, device=device)
     with gathered_head(model) as w:
         if mine.any():
-            logits = (h[0, want[mine] - lo] @ w.t()).float()  # (n_mine, V)
+            logits = (h[0, local[want[mine]]] @ w.t()).float()  # (n_mine, V)
             out[0, mine] = logits.argmax(-1).double()
             out[1, mine] = F.cross_entropy(logits, target[mine], reduction="none").double()
     out = out.to(collective_device())
