@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # peft: tests/test_export_peft.py loads our LoRA adapter exports with it.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "peft>=0.10"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["longtrain=longtrain.launch.cli:main"]},

@@ -17,6 +17,7 @@ through here, so a path means the same thing to every command.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from longtrain.data.loader import MANIFEST, load_manifest
 from longtrain.model.config import ModelConfig
 from longtrain.model.errors import LongtrainError
 from longtrain.model.heads import TransformerForClassification
@@ -34,15 +36,18 @@ from longtrain.model.lora import merge_lora_state_dict
 from longtrain.model.transformer import Transformer
 from longtrain.train.files import (
     CHECKPOINTS,
+    COMMANDS,
     COMMIT,
     HEAD_CONFIG,
     HF_CONFIG,
     HF_INDEX,
     LORA_CONFIG,
+    METRICS,
     MODEL_CONFIG,
     MODEL_WEIGHTS,
     SOURCE,
     TOKENIZER_DIR,
+    UNIVERSAL,
     read_client_state,
     read_json,
     resolve_checkpoint,
@@ -165,11 +170,13 @@ class Artifact:
         return self.client_state().get("config") or {}
 
     def lora(self) -> dict[str, Any] | None:
-        """``{"rank", "alpha", "targets"}`` when the weights hold LoRA adapters, else None."""
+        """``{"rank", "alpha", "targets"}`` (and ``dropout`` where the run recorded it) when the
+        weights hold LoRA adapters, else None."""
         f = self.path / LORA_CONFIG
-        if f.is_file():
-            return read_json(f)
         lora = (self._run_job().get("finetune") or {}).get("lora") or {}
+        if f.is_file():
+            # A checkpoint's lora_config.json predates the dropout; its job config has it.
+            return {**{k: lora[k] for k in ("dropout",) if k in lora}, **read_json(f)}
         return dict(lora) if lora.get("rank") else None
 
     def head(self) -> dict[str, Any] | None:
@@ -188,6 +195,41 @@ class Artifact:
         if self.kind == "model_dir" and (self.path / SOURCE).is_file():
             return dict(read_json(self.path / SOURCE).get("data") or {})
         return dict(self._run_job().get("data") or {})
+
+    def record(self) -> dict[str, Any]:
+        """What the training run recorded about these weights ({} when nothing was): the
+        model card's figures (``longtrain.train.export.model_card``).
+
+        ``step``, ``tokens`` (seen by the run so far), ``world_size``, ``job`` (the resolved
+        config), ``commands`` (the run's invocations up to this step from its
+        ``commands.jsonl``: the first one started it, later ones resumed it),
+        ``val_loss``/``val_step`` and ``loss``/``loss_step`` (the last evaluation and training
+        row at or before ``step`` in its ``metrics.jsonl``) and ``manifest`` (a summary of the
+        data's ``manifest.json``, when it can still be read). A model directory carries the
+        record of the checkpoint it was made from.
+        """
+        if self.kind == "model_dir":
+            src = self.path / SOURCE
+            return dict(read_json(src).get("record") or {}) if src.is_file() else {}
+        if self.kind != "checkpoint":
+            return {}
+        state = self.client_state()
+        progress = (state.get("parts") or {}).get("progress") or state  # format 2, else 1
+        rec: dict[str, Any] = {
+            "step": int(progress.get("step", state.get("step", 0))),
+            "tokens": int(progress.get("tokens_seen", 0)),
+            "world_size": state.get("world_size"),
+            "job": state.get("config") or {},
+        }
+        run_dir = _run_dir_of(self.path)
+        rec["commands"] = [
+            row for row in _jsonl(run_dir / COMMANDS) if int(row.get("start_step", 0)) < rec["step"]
+        ]
+        rec.update(_last_rows(run_dir / METRICS, rec["step"]))
+        data_dir = (rec["job"].get("data") or {}).get("dir")
+        if data_dir and (Path(data_dir) / MANIFEST).is_file():
+            rec["manifest"] = manifest_summary(load_manifest(data_dir))
+        return rec
 
     def tokenizer_dir(self) -> Path | None:
         """The longtrain tokenizer the weights were trained with, when it can be found."""
@@ -304,6 +346,56 @@ class Artifact:
         return model
 
 
+def _run_dir_of(checkpoint: Path) -> Path:
+    """The run directory of ``run_dir/checkpoints[/universal]/step_XXXXXXXX``."""
+    up = checkpoint.parent
+    if up.name == UNIVERSAL:
+        up = up.parent
+    return up.parent
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file of the run ([] when it is absent); a last line
+    cut short by a killed process is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _last_rows(metrics: Path, step: int) -> dict[str, Any]:
+    """The last validation and training losses logged at or before ``step`` (a resumed run
+    may have logged past the checkpoint it is exported from, then been stopped)."""
+    out: dict[str, Any] = {}
+    for row in _jsonl(metrics):
+        if int(row.get("step", step + 1)) > step:
+            continue
+        if isinstance(row.get("val_loss"), (int, float)):
+            out["val_loss"], out["val_step"] = float(row["val_loss"]), int(row["step"])
+        if isinstance(row.get("loss"), (int, float)) and not row.get("skipped"):
+            out["loss"], out["loss_step"] = float(row["loss"]), int(row["step"])
+    return out
+
+
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a model card says about the data: counts, vocabulary, tokenizer, source, splits."""
+    keys = ("documents", "tokens", "vocab_size", "dtype", "tokenizer_hash", "sft", "group_by")
+    out = {k: manifest[k] for k in keys if k in manifest}
+    source = manifest.get("source") or {}
+    if "corpus" in source:
+        out["corpus"] = source["corpus"]
+    out["splits"] = {
+        name: {k: split[k] for k in ("documents", "tokens") if k in split}
+        for name, split in sorted((manifest.get("splits") or {}).items())
+    }
+    return out
+
+
 def lora_scaling(lora: dict[str, Any]) -> float:
     """alpha / rank of a LoRA config mapping."""
     return float(lora["alpha"]) / float(lora["rank"])
@@ -331,6 +423,7 @@ __all__ = [
     "artifact_kind",
     "load_hf_weights",
     "lora_scaling",
+    "manifest_summary",
     "open_artifact",
     "read_model_config",
 ]

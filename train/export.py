@@ -7,9 +7,11 @@ One writer per format, whatever the source:
 - :func:`write_hf`: a directory that ``AutoModelForCausalLM`` (or, for a classifier,
   ``AutoModelForSequenceClassification``) and ``AutoTokenizer`` load with no extra code:
   ``config.json`` (with RoPE scaling), ``generation_config.json``, ``model.safetensors`` or
-  numbered shards plus their index, and the tokenizer.
+  numbered shards plus their index, the tokenizer, and the ``README.md`` model card
+  (``longtrain.train.model_card``);
+- :func:`write_peft_adapter`: a LoRA run's adapters as a PEFT adapter directory.
 
-Both take tensors as entries ``(name, shape, fetch)`` (``longtrain.train.reshard.Entry``): a
+All take tensors as entries ``(name, shape, fetch)`` (``longtrain.train.reshard.Entry``): a
 training checkpoint's tensors are gathered from its ZeRO shards one at a time, mapped, converted
 and written, so peak memory stays at about one tensor however large the model; an in-memory
 model (:func:`save_hf`, :func:`save_model_dir`) goes through the same code. Each directory is
@@ -44,7 +46,7 @@ from longtrain.data.tokenizer import (
 from longtrain.model.config import ModelConfig
 from longtrain.model.errors import LongtrainError
 from longtrain.model.heads import classifier_hf_config
-from longtrain.model.hf import DTYPE_NAMES, TRANSFORMS, config_to_hf, key_rows
+from longtrain.model.hf import DTYPE_NAMES, KEY_MAP, TRANSFORMS, config_to_hf, key_rows
 from longtrain.train.artifacts import Artifact, lora_scaling, open_artifact
 from longtrain.train.files import (
     EXPORT_MARKER,
@@ -52,10 +54,14 @@ from longtrain.train.files import (
     HF_CONFIG,
     HF_INDEX,
     LORA_CONFIG,
+    MODEL_CARD,
     MODEL_CONFIG,
     MODEL_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
     SOURCE,
 )
+from longtrain.train.model_card import model_card
 from longtrain.train.reshard import Entry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -190,7 +196,8 @@ def artifact_side_files(art: Artifact, extra: dict[str, Any] | None = None) -> d
     files: dict[str, dict] = {}
     if art.lora() is not None:
         lora = art.lora()
-        files[LORA_CONFIG] = {k: lora[k] for k in ("rank", "alpha", "targets") if k in lora}
+        keys = ("rank", "alpha", "dropout", "targets")
+        files[LORA_CONFIG] = {k: lora[k] for k in keys if k in lora}
     if art.head() is not None:
         files[HEAD_CONFIG] = art.head()
     tok = art.tokenizer_dir()
@@ -198,6 +205,7 @@ def artifact_side_files(art: Artifact, extra: dict[str, Any] | None = None) -> d
         "checkpoint": str(art.path),
         "tokenizer": str(tok) if tok else None,
         "tokenizer_hash": art.tokenizer_hash(),
+        "record": art.record(),  # what the model card of a later export says about the run
         **(extra or {}),
     }
     return files
@@ -250,6 +258,82 @@ def hf_config_files(
     return [HF_CONFIG, "generation_config.json"]
 
 
+def peft_target_modules(targets: list[str] | tuple[str, ...]) -> list[str]:
+    """transformers module names of our LoRA targets (``wq`` -> ``q_proj``...), from the key map."""
+    out = []
+    for t in targets:
+        theirs = [th for ours, th, _ in KEY_MAP if ours.endswith(f".{t}.weight")]
+        if len(theirs) != 1:
+            raise LongtrainError(f"LoRA target {t!r} has no transformers module in the key map")
+        out.append(theirs[0][: -len(".weight")].rsplit(".", 1)[-1])
+    return sorted(out)
+
+
+def write_peft_adapter(
+    cfg: ModelConfig,
+    entries: list[Entry],
+    out: str | Path,
+    lora: dict[str, Any],
+    dtype: torch.dtype | str = torch.float32,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    source: str = "",
+) -> list[str]:
+    """A PEFT LoRA adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)`` loads
+    it onto the base weights (what the LoRA run froze). Tensor names go through the same key
+    map as the model (``layers.{i}.attention.wq.lora_a`` -> ``base_model.model.model.layers.
+    {i}.self_attn.q_proj.lora_A.weight``); our ``lora_a`` (r, in) and ``lora_b`` (out, r) are
+    peft's ``lora_A`` and ``lora_B`` as they are, and its scaling is the same alpha / r.
+    Streamed and staged like :func:`write_hf`.
+    """
+    dtype = parse_dtype(dtype)
+    shapes = {name: shape for name, shape, _ in entries}
+    fetch = {name: f for name, _, f in entries}
+    items: list[Entry] = []
+    for ours, theirs, _ in key_rows(cfg):
+        prefix = ours[: -len(".weight")]
+        if prefix + ".lora_a" not in fetch:
+            continue
+        module = "base_model.model." + theirs[: -len(".weight")]
+        for mine, peft_name in ((".lora_a", ".lora_A.weight"), (".lora_b", ".lora_B.weight")):
+            items.append((module + peft_name, shapes[prefix + mine], fetch[prefix + mine]))
+    if not items:
+        raise LongtrainError(
+            f"--lora-adapter: {source or 'the weights'} hold no LoRA adapters (a run with "
+            "finetune.lora.rank > 0 has them)"
+        )
+    config = {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": float(lora["alpha"]),
+        "lora_dropout": float(lora.get("dropout", 0.0)),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": int(lora["rank"]),
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": peft_target_modules(lora["targets"]),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    files = [PEFT_CONFIG, PEFT_WEIGHTS]
+    with staged_dir(out, overwrite=overwrite, option="--lora-adapter") as tmp:
+        write_safetensors(tmp / PEFT_WEIGHTS, items, dtype, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": 1, "files": files}) + "\n")
+    return files
+
+
 def write_hf(
     cfg: ModelConfig,
     entries: list[Entry],
@@ -261,19 +345,27 @@ def write_hf(
     head: dict[str, Any] | None = None,
     overwrite: bool = False,
     source: str = "",
+    record: dict[str, Any] | None = None,
+    drop_lora: bool = False,
 ) -> list[str]:
     """The one transformers writer; returns the file names written (tokenizer files aside).
 
     Tensors are renamed by ``longtrain.model.hf``'s key map (plus ``score.weight`` for a
     classification ``head``), LoRA adapters are folded into their weights as they are written
-    when ``lora`` is given (refused otherwise), and shards are cut like transformers'
+    when ``lora`` is given, left out with ``drop_lora`` (the base weights, for a separate
+    PEFT adapter) and refused otherwise, and shards are cut like transformers'
     ``save_pretrained``: a new file when the next tensor would pass ``max_shard_size``.
+    ``README.md`` is the :func:`model_card`, from ``record`` (what the run recorded).
     """
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_size)
     fetch = {name: f for name, _, f in entries}
     shapes = {name: shape for name, shape, _ in entries}
     adapters = {n[: -len(".lora_a")] for n in fetch if n.endswith(".lora_a")}
+    card_lora = (lora, "merged in") if adapters and lora else None
+    if drop_lora:
+        card_lora = (lora, "not included: base weights") if adapters and lora else None
+        adapters, lora = set(), None
     if adapters and lora is None:
         raise LongtrainError(
             f"{source or 'the weights'}: the weights hold LoRA adapters; pass --merge-lora to "
@@ -310,6 +402,7 @@ def write_hf(
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[Entry]] = [[]]
     size = total = 0
+    params = sum(math.prod(shapes[ours]) for ours, _, _ in rows)
     for ours, theirs, transform in rows:
         nbytes = math.prod(shapes[ours]) * itemsize
         if shards[-1] and size + nbytes > limit:
@@ -338,6 +431,9 @@ def write_hf(
             files.append(HF_INDEX)
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp)
+        card = model_card(cfg, params, dtype, head, record, card_lora)
+        (tmp / MODEL_CARD).write_text(card)
+        files.append(MODEL_CARD)
         # Deterministic (no paths, no times): two exports of the same weights are equal.
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": 1, "files": files}) + "\n")
     return files
@@ -350,10 +446,19 @@ def save_hf(
     dtype: torch.dtype | str = torch.bfloat16,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> list[str]:
-    """An in-memory Transformer as a transformers directory (:func:`write_hf`)."""
+    """An in-memory Transformer as a transformers directory (:func:`write_hf`); ``record``
+    is what a run recorded about these weights, for the model card (none: the model only)."""
     return write_hf(
-        model.cfg, model_entries(model), out, tokenizer, dtype, max_shard_size, overwrite=overwrite
+        model.cfg,
+        model_entries(model),
+        out,
+        tokenizer,
+        dtype,
+        max_shard_size,
+        overwrite=overwrite,
+        record=record,
     )
 
 
@@ -365,15 +470,32 @@ def export(
     max_shard_size: int | str = "5GB",
     merge_lora: bool = False,
     overwrite: bool = False,
+    lora_adapter: str | Path | None = None,
 ) -> tuple[Artifact, list[str], Path | None]:
     """``longtrain export-hf``: any artifact (checkpoint, run dir, model dir) -> transformers.
 
     Without ``tokenizer`` the one the weights were trained with is included when it can be
-    found; a given tokenizer must be that one when the artifact records its hash.
+    found; a given tokenizer must be that one when the artifact records its hash. With
+    ``lora_adapter`` the run's adapters also go there as a PEFT adapter directory, and
+    ``out`` holds the merged model (``merge_lora``) or else the base weights the adapter
+    applies to (which the adapter's ``base_model_name_or_path`` then names).
     """
     art = open_artifact(src)
     if art.kind == "hf":
         raise LongtrainError(f"--checkpoint {src}: already a transformers directory")
+    if lora_adapter is not None:
+        if art.lora() is None:
+            raise LongtrainError(
+                f"--lora-adapter: {art.path} holds no LoRA adapters (a run with "
+                "finetune.lora.rank > 0 has them)"
+            )
+        if art.head() is not None:
+            raise LongtrainError(
+                "--lora-adapter: a classifier's head trains in full besides the adapters; "
+                "export it merged with --merge-lora instead"
+            )
+        if Path(lora_adapter).resolve() == Path(out).resolve():
+            raise LongtrainError("--lora-adapter must be another directory than --out")
     if tokenizer is None:
         tok = art.tokenizer_dir()
     else:
@@ -387,10 +509,21 @@ def export(
             f"--tokenizer {tok}",
             "pass the tokenizer the run was trained with (its data dir's tokenizer/)",
         )
-    lora = art.lora() if merge_lora else None
+    lora = art.lora() if merge_lora or lora_adapter is not None else None
+    record, entries = art.record(), art.entries()
+    if lora_adapter is not None and lora is not None:
+        # First: the small adapter fails fast (a non-empty --lora-adapter) before --out moves.
+        init = str((record.get("job") or {}).get("model", {}).get("init") or "")
+        if not merge_lora:
+            base: str | None = str(Path(out).resolve())
+        else:  # the model the run started from, when transformers can load it by that path
+            base = init if init and (Path(init) / HF_CONFIG).is_file() else None
+        write_peft_adapter(
+            art.config(), entries, lora_adapter, lora, dtype, base, overwrite, str(art.path)
+        )
     files = write_hf(
         art.config(),
-        art.entries(),
+        entries,
         out,
         tokenizer=tok,
         dtype=dtype,
@@ -399,12 +532,15 @@ def export(
         head=art.head(),
         overwrite=overwrite,
         source=str(art.path),
+        record=record,
+        drop_lora=lora_adapter is not None and not merge_lora,
     )
     return art, files, tok
 
 
 def cli_export_hf(args: argparse.Namespace) -> int:
     """``longtrain export-hf --checkpoint RUN_DIR|CHECKPOINT|MODEL_DIR --out DIR``."""
+    adapter = args.lora_adapter
     art, files, tok = export(
         args.checkpoint,
         args.out,
@@ -413,10 +549,15 @@ def cli_export_hf(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         merge_lora=args.merge_lora,
         overwrite=args.overwrite,
+        lora_adapter=adapter,
     )
     kind = "LlamaForSequenceClassification" if art.head() else "LlamaForCausalLM"
+    if adapter is not None:
+        kind += ", LoRA merged" if args.merge_lora else ", base weights without the LoRA adapters"
     tok_note = f", tokenizer from {tok}" if tok else ", no tokenizer"
     print(f"exported {art.path} -> {args.out} ({kind}, {len(files)} files, {args.dtype}{tok_note})")
+    if adapter is not None:
+        print(f"exported the LoRA adapters of {art.path} -> {adapter} (PEFT adapter directory)")
     return 0
 
 

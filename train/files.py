@@ -10,7 +10,7 @@ finding the newest complete checkpoint of a run. The checkpoint manager
 Layout of one run::
 
     run_dir/
-      config.yaml  deepspeed_config.json  metrics.jsonl  tb/  loss_curve.png
+      config.yaml  deepspeed_config.json  metrics.jsonl  commands.jsonl  tb/  loss_curve.png
       final/  best/                     # model-only directories (fine-tuning outputs)
       checkpoints/
         step_00000100/                  # one checkpoint; complete only once COMMIT exists
@@ -46,6 +46,8 @@ log = logging.getLogger("longtrain.train.checkpoint")
 CONFIG_YAML = "config.yaml"
 DEEPSPEED_CONFIG = "deepspeed_config.json"
 METRICS = "metrics.jsonl"
+COMMANDS = "commands.jsonl"
+"""One line per invocation of a run: its ``longtrain`` command, world size and start step."""
 CHECKPOINTS = "checkpoints"
 UNIVERSAL = "universal"
 COMMIT = "COMMIT"
@@ -61,6 +63,11 @@ HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 EXPORT_MARKER = "longtrain_export.json"
 """Written last into every transformers directory longtrain exports (what it came from)."""
+MODEL_CARD = "README.md"
+"""The model card of a transformers export (what the Hub shows)."""
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+"""The two files of a PEFT adapter directory (the names peft's ``save_pretrained`` uses)."""
 TOKENIZER_DIR = "tokenizer"
 RNG_STATE = "rng_state_rank{rank:05d}.pt"
 FORMAT_VERSION = 2
