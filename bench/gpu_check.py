@@ -10,7 +10,8 @@ Run it through ``bench/gpu_check.sh`` on a machine with one CUDA GPU and PyTorch
 Stages, each reported even when an earlier one failed:
 
 1. ``matmul``: the best bf16 GEMM rate over a few square sizes (the "measured peak").
-2. ``cores``: every available attention core (flash3, flash, torch_varlen, sdpa) against
+2. ``cores`` (and ``ring``, the ring-attention block kernels in simulated rings of 2, 4, 8
+   ranks, :func:`stage_ring`): every available attention core (flash3, flash, torch_varlen, sdpa) against
    ``reference`` on packed windows holding documents of uneven length (length-1 documents
    included), fresh random inputs, forward and backward. Tolerance as flash-attn's own tests:
    the core's error against the fp32 reference may be at most 2x (output) / 3x (gradients) the
@@ -27,8 +28,13 @@ Stages, each reported even when an earlier one failed:
    whole window (T^2 / 2, ``ModelConfig.flops_per_token(T, causal=True)``); recompute is not
    counted. Reports tokens/s, model TFLOP/s and both MFUs against the measured bf16 GEMM peak
    and the datasheet peak, plus peak memory next to the planner's prediction.
-5. ``pretrain``: when deepspeed and the trainer import, tokenizer + prepare on the embedded
+5. ``levers``: the tiled MLP and activation offload, alone and together: step time against
+   the run without them, whether the offload copies overlap compute, peak allocated memory
+   against the planner's prediction, host bytes against the planner's.
+6. ``pretrain``: when deepspeed and the trainer import, tokenizer + prepare on the embedded
    corpus, then ``longtrain pretrain`` with ZeRO-2 for 20 steps; its metrics.jsonl summarised.
+7. ``compile``: the same job with ``model.compile=true``: losses against step 6's, tokens/s
+   of both with the compile excluded, and the compile's seconds (:func:`stage_compile`).
 
 A short table is printed last; everything goes to ``<out>/gpu_check.json``.
 """
@@ -206,6 +212,58 @@ def stage_cores(sh: Shapes) -> dict[str, Any]:
     return out
 
 
+def stage_ring(sh: Shapes) -> dict[str, Any]:
+    """Ring attention's block kernels at the compute dtype, every rank's steps of rings of 2, 4
+    and 8 simulated in one process (``longtrain.model.ring_attention.simulate_ring``: the
+    per-rank plans, varlen forward with LSE, fp32 merges, backward from the final LSE), forward
+    and backward against the reference on the cores' packed windows, with the cores' tolerance
+    (2x / 3x the reference's own error in the compute dtype, plus 1e-4)."""
+    from longtrain.model.attention import make_core
+    from longtrain.model.ring_attention import make_block_kernel, simulate_ring
+
+    B, T, Hq, Hkv, D = sh.core_shape
+    ref = make_core("reference")
+
+    def run(fn: Callable[..., torch.Tensor], x0: list[torch.Tensor], dtype: torch.dtype) -> list:
+        q, k, v = (x.detach().to(dtype).clone().requires_grad_(True) for x in x0[:3])
+        o = fn(q, k, v)
+        o.backward(x0[3].to(dtype))
+        return [o.detach(), q.grad, k.grad, v.grad]
+
+    out: dict[str, Any] = {"results": [], "skipped": {}, "shape": [B, T, Hq, Hkv, D]}
+    for name in ["torch"] if sh.dry else ["flash", "torch_varlen", "torch"]:
+        try:
+            kernel = make_block_kernel(name)
+        except Exception as e:  # not installed here: say why, check the others
+            out["skipped"][name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            continue
+        for ring in (2, 4, 8):
+            seed = int.from_bytes(os.urandom(4), "little")
+            gen = torch.Generator().manual_seed(seed)
+            offs = packed_offsets(B, T, gen)
+            cu = torch.tensor(offs, dtype=torch.int32, device=sh.device)
+            x0 = [torch.randn(B, T, h, D, generator=gen).to(sh.device, sh.low)
+                  for h in (Hq, Hkv, Hkv, Hq)]  # fmt: skip
+            r: dict[str, Any] = {"kernel": name, "ring": ring, "seed": seed, "docs": len(offs) - 1}
+            try:
+                exact = run(lambda q, k, v, c=cu: ref(q, k, v, cu_seqlens=c), x0, sh.high)
+                base = run(lambda q, k, v, c=cu: ref(q, k, v, cu_seqlens=c), x0, sh.low)
+                got = run(lambda q, k, v, c=cu, n=ring, kn=kernel: simulate_ring(q, k, v, c, n, kn),
+                          x0, sh.low)  # fmt: skip
+                ok = True
+                for i, n in enumerate(("out", "dq", "dk", "dv")):
+                    err, ref_err = max_abs(got[i], exact[i]), max_abs(base[i], exact[i])
+                    tol = (2.0 if n == "out" else 3.0) * ref_err + 1e-4
+                    r[n] = {"err": err, "ref_err": ref_err, "tol": tol}
+                    ok &= math.isfinite(err) and err <= tol
+                r["ok"] = bool(ok)
+            except Exception as e:  # one broken kernel must not hide the others
+                r.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            out["results"].append(r)
+    out["ok"] = bool(out["results"]) and all(r["ok"] for r in out["results"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The LM head's GEMMs in the chunked loss
 
@@ -293,15 +351,10 @@ def planner_prediction(cfg: Any, seq_len: int, chunk: int, precision: str, core:
     """The planner's peak (GB) for weights + grads + activations, no optimizer, no reserve."""
     from longtrain.train.plan import CPU, PlanInput, memory
 
-    p = PlanInput(
-        model=cfg,
-        seq_len=seq_len,
-        zero_stage=0,
-        activation_checkpointing="full",
-        loss_chunk=chunk,
-        precision=precision,
-        attention=core,
-    )
+    p = PlanInput.of(
+        cfg, device="cuda" if precision == "bf16" else "cpu", attention=core, seq_len=seq_len,
+        zero_stage=0, activation_checkpointing="full", loss_chunk_size=chunk,
+    )  # fmt: skip
     m = memory(p, 1, CPU)
     return (m.total - m.optimizer) / 1e9
 
@@ -383,6 +436,106 @@ def stage_model(sh: Shapes, matmul_peak: float | None) -> dict[str, Any]:
         },
         "rows": rows,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory-ceiling levers: tiled MLP and activation offload
+
+
+def stage_levers(sh: Shapes) -> dict[str, Any]:
+    """Per lever: step time with and without it, whether the offload copies overlap compute,
+    and peak allocated memory against the planner's prediction.
+
+    The model stage's flavor (bf16 weights, no optimizer) with every block checkpointed, at
+    one window (32K tokens on GPU), in four builds: no lever, the tiled MLP (``dim`` tokens per
+    tile), activation offload, both. Prediction: ``plan.memory`` for that job with ZeRO-0 on
+    this GPU kind without the runtime reserve (what ``max_memory_allocated`` sees), less the
+    optimizer. Overlap: the offload run's extra time against the time the same copies take
+    alone (pinned buffers, measured here): 1.0 means fully hidden behind compute.
+    """
+    import dataclasses
+
+    from longtrain.model.config import get_flavor
+    from longtrain.model.tiled import apply_tiled_mlp
+    from longtrain.model.transformer import Transformer
+    from longtrain.train.offload import ActivationOffload, apply_activation_offload
+    from longtrain.train.parallel import apply_activation_checkpointing
+    from longtrain.train.plan import CPU, GPUS, PlanInput, memory, timing
+
+    T = 256 if sh.dry else 32768
+    cfg = get_flavor(sh.flavor, max_seq_len=T)
+    dev = sh.device
+    gpu = CPU if sh.dry else dataclasses.replace(GPUS["h100"], reserve_gb=0.0, fragmentation=0.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(dev)
+    rows = []
+    for name, chunk, offload in (
+        ("baseline", 0, False), ("tiled_mlp", cfg.dim, False), ("offload", 0, True),
+        ("both", cfg.dim, True),
+    ):  # fmt: skip
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Transformer(cfg, attention="auto")
+        model.to_empty(device=dev)
+        model.init_weights()
+        model.to(sh.dtype)
+        apply_tiled_mlp(model, chunk)  # the order of train.parallel.parallelize
+        apply_activation_checkpointing(model, "full")
+        off = ActivationOffload(dev) if offload else None
+        apply_activation_offload(model, off, "full")
+
+        def step(model: Any = model) -> None:
+            s, n = model.loss(ids[:, :-1], ids[:, 1:], chunk_size=sh.loss_chunk)
+            (s / n).backward()
+            for prm in model.parameters():
+                prm.grad = None
+
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sec = time_it(step, dev, sh.warmup, sh.iters)
+        p = PlanInput.of(
+            cfg, device=dev.type, attention=model.attention_core, seq_len=T, zero_stage=0,
+            activation_checkpointing="full", loss_chunk_size=sh.loss_chunk, mlp_chunk_size=chunk,
+            offload_activations=offload,
+        )  # fmt: skip
+        mem = memory(p, 1, gpu)
+        row: dict[str, Any] = {
+            "lever": name,
+            "seq_len": T,
+            "step_s": sec,
+            "planner_gb": (mem.total - mem.optimizer) / 1e9,
+            "planner_host_gb": mem.host_activations / 1e9,
+            "planner_copy_s": None if sh.dry else timing(p, 1, GPUS["h100"]).act_offload_copy_s,
+        }
+        if dev.type == "cuda":
+            row["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if off is not None:
+            row["offload_peak_host_gb"] = off.peak_host_bytes / 1e9
+            row["prefetched_per_step"] = off.prefetched_tensors / (sh.warmup + sh.iters)
+        rows.append(row)
+        del model, off
+    base = {r["lever"]: r for r in rows}
+    # The copies alone: one block input down and back per checkpointed block, pinned buffers.
+    x = torch.randn(1, T, cfg.dim, device=dev, dtype=sh.dtype)
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=dev.type == "cuda")
+
+    def copies() -> None:
+        for _ in range(cfg.n_layers):
+            host.copy_(x, non_blocking=True)
+            x.copy_(host, non_blocking=True)
+
+    copy_s = time_it(copies, dev, 1, sh.iters)
+    for r in rows:
+        ref = base["tiled_mlp" if r["lever"] == "both" else "baseline"]
+        r["slowdown"] = r["step_s"] / ref["step_s"]
+        if r["lever"] in ("offload", "both"):
+            r["copy_s"] = copy_s
+            hidden = 1.0 - (r["step_s"] - ref["step_s"]) / max(copy_s, 1e-9)
+            r["overlap"] = min(1.0, max(0.0, hidden))
+    ok = all(r.get("offload_peak_host_gb", r["planner_host_gb"]) == r["planner_host_gb"]
+             for r in rows)  # fmt: skip
+    return {"flavor": sh.flavor, "rows": rows, "ok": ok}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +632,49 @@ def stage_pretrain(sh: Shapes, out: Path, budget_s: float) -> dict[str, Any]:
     return res
 
 
+def stage_compile(sh: Shapes, out: Path, budget_s: float, eager: dict[str, Any]) -> dict[str, Any]:
+    """``model.compile=true``: the pretrain stage's job again with every block compiled.
+
+    Per-step losses against that eager run (bf16 on GPU: within 2e-2 relative; fp32 in the
+    dry run: 1e-5), tokens/s of both over the steps past the first (the compile excluded),
+    and the seconds the compile took (the run's ``compile_s`` row).
+    """
+    work = out / "pretrain"
+    if "tokens_per_s" not in eager:
+        return {"skipped": "needs the eager run of the pretrain stage"}
+    if budget_s < eager["pretrain_s"] + 90:
+        return {"skipped": f"only {budget_s:.0f} s of the time budget left"}
+    env = dict(os.environ)
+    if sh.dry:
+        env["DS_ACCELERATOR"] = "cpu"
+    run = work / "run_compiled"
+    t0 = time.monotonic()
+    _cli(["pretrain", "--config", str(work / "job.yaml"), "model.compile=true", f"run_dir={run}"],
+         budget_s, env)  # fmt: skip
+
+    def rows(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    loss_e = {r["step"]: r["loss"] for r in rows(work / "run" / "metrics.jsonl") if "loss" in r}
+    compiled = rows(run / "metrics.jsonl")
+    loss_c = {r["step"]: r["loss"] for r in compiled if "loss" in r}
+    diff = max(abs(loss_c[k] - loss_e[k]) / abs(loss_e[k]) for k in loss_e)
+    res = summarize_metrics(run / "metrics.jsonl")
+    tol = 1e-5 if sh.dry else 2e-2
+    res.update(
+        {
+            "compile_s": next((r["compile_s"] for r in compiled if "compile_s" in r), None),
+            "eager_tokens_per_s": eager["tokens_per_s"],
+            "speedup": (res["tokens_per_s"] or 0.0) / eager["tokens_per_s"],
+            "max_rel_loss_diff": diff,
+            "tolerance": tol,
+            "run_s": time.monotonic() - t0,
+            "ok": sorted(loss_c) == sorted(loss_e) and diff <= tol,
+        }
+    )
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver
 
@@ -522,6 +718,16 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"  core {name:<13} skip  {why}")
     if "error" in cores:
         lines.append(f"  cores: ERROR {cores['error']}")
+    for r in report.get("ring", {}).get("results", []):
+        errs = r.get("error") or " ".join(
+            f"{k}={r[k]['err']:.1e}/{r[k]['tol']:.1e}" for k in ("out", "dq", "dk", "dv")
+        )
+        label = f"ring {r['kernel']} x{r['ring']}"
+        lines.append(f"  {label:<18} {'ok  ' if r['ok'] else 'FAIL'}  err/tol {errs}")
+    for name, why in report.get("ring", {}).get("skipped", {}).items():
+        lines.append(f"  ring {name:<13} skip  {why}")
+    if "error" in report.get("ring", {}):
+        lines.append(f"  ring: ERROR {report['ring']['error']}")
     hg = report.get("head_grad", {})
     if "paths" in hg:
         e = hg["rel_err"]
@@ -552,6 +758,20 @@ def summary_table(report: dict[str, Any]) -> str:
             )
     elif "error" in model:
         lines.append(f"  model: ERROR {model['error']}")
+    lev = report.get("levers", {})
+    for r in lev.get("rows", []):
+        extra = (
+            f", copies {r['copy_s']:.2f} s alone, overlap {r['overlap']:.0%}"
+            if "overlap" in r
+            else ""
+        )
+        lines.append(
+            f"  lever {r['lever']:<10} {r['seq_len']} tokens: {r['step_s']:.3f} s "
+            f"(x{r['slowdown']:.2f}){extra}; mem {_fmt(r.get('max_allocated_gb'), '.2f')} GB vs "
+            f"plan {r['planner_gb']:.2f} GB"
+        )
+    if "error" in lev:
+        lines.append(f"  levers: ERROR {lev['error']}")
     pt = report.get("pretrain", {})
     if "skipped" in pt:
         lines.append(f"  pretrain: skipped ({pt['skipped']})")
@@ -563,6 +783,16 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{pt['loss_last']:.3f}, {_fmt(pt['tokens_per_s'], '.0f')} tok/s, MFU "
             f"{_fmt(pt['mfu'], '.1%')} (window {_fmt(pt.get('mfu_window'), '.1%')}), peak "
             f"{_fmt(pt['peak_mem_gb'])} GB (reserved {_fmt(pt.get('peak_reserved_gb'))})"
+        )
+    cp = report.get("compile", {})
+    if "skipped" in cp or "error" in cp:
+        lines.append(f"  compiled pretrain: {cp.get('skipped') or 'ERROR ' + cp['error']}")
+    elif cp:
+        lines.append(
+            f"  compiled pretrain {'ok  ' if cp['ok'] else 'FAIL'} {cp['steps']} steps: "
+            f"{_fmt(cp['tokens_per_s'], '.0f')} tok/s vs eager {cp['eager_tokens_per_s']:.0f} "
+            f"(x{cp['speedup']:.2f}, compile excluded: {_fmt(cp['compile_s'])} s); loss diff "
+            f"{cp['max_rel_loss_diff']:.1e} (tol {cp['tolerance']:.0e})"
         )
     lines.append(f"  total {report['seconds']:.0f} s; JSON: {report['json']}")
     return "\n".join(lines)
@@ -610,21 +840,28 @@ def main(argv: list[str] | None = None) -> int:
         report["tf32"] = f"unknown ({type(e).__name__})"
     _run_stage("matmul", lambda: stage_matmul(sh), report)
     _run_stage("cores", lambda: stage_cores(sh), report)
+    _run_stage("ring", lambda: stage_ring(sh), report)
     _run_stage("head_grad", lambda: stage_head_grad(sh), report)
     peak = report["matmul"].get("peak_tflops")
     _run_stage("model", lambda: stage_model(sh, peak), report)
+    _run_stage("levers", lambda: stage_levers(sh), report)
     if args.skip_pretrain:
         report["pretrain"] = {"skipped": "--skip-pretrain"}
     else:
         budget = args.budget_s - (time.monotonic() - t_start)
         _run_stage("pretrain", lambda: stage_pretrain(sh, out, budget), report)
+        budget = args.budget_s - (time.monotonic() - t_start)
+        _run_stage("compile", lambda: stage_compile(sh, out, budget, report["pretrain"]), report)
     report["seconds"] = time.monotonic() - t_start
     # A pretrain stage that ran and failed fails the check; a skipped one (no deepspeed) does not.
     report["ok"] = (
         bool(report["cores"].get("ok"))
+        and bool(report["ring"].get("ok"))
         and bool(report["head_grad"].get("ok"))
         and "rows" in report["model"]
+        and bool(report["levers"].get("ok"))
         and "error" not in report["pretrain"]
+        and report.get("compile", {}).get("ok", True)  # skipped (no budget, no data): not a failure
     )
     Path(report["json"]).write_text(json.dumps(report, indent=2, default=str))
     print(summary_table(report))

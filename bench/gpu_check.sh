@@ -2,7 +2,8 @@
 # The prepared GPU check (see bench/gpu_check.py): attention kernels (flash3, flash,
 # torch_varlen, sdpa) vs reference, the LM-head GEMMs' dtypes in the chunked loss, 1b
 # throughput with MFU under both conventions (per-document and whole-window causal), a 20-step
-# ZeRO-2 pretrain. Needs one CUDA GPU and PyTorch; nothing is downloaded.
+# ZeRO-2 pretrain and the same with model.compile=true (the compiled row: tokens/s against it,
+# compile time apart). Needs one CUDA GPU and PyTorch; nothing is downloaded.
 #
 #   bash bench/gpu_check.sh [--skip-pretrain] [--out DIR] [--cpu-dry-run]
 #

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from longtrain.model.attention import (
     Documents,
@@ -32,24 +34,100 @@ from longtrain.model.attention import (
 from longtrain.model.config import ModelConfig
 from longtrain.model.loss import chunked_cross_entropy
 from longtrain.model.rope import RotaryEmbedding, apply_rotary
-from longtrain.model.tiled import has_active_dropout, tiled_mlp
+from longtrain.model.tiled import has_active_dropout, tile_bounds, tiled_mlp
+
+NORM_TILE_ELEMENTS = 1 << 22
+"""Elements (tokens x dim) of one :class:`RMSNorm` tile: its fp32 temporaries are a few tiles
+(16 MB each; 1024 tokens at dim 4096), whatever the sequence length."""
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``, keeping for the
+    backward only ``x`` (its own dtype) and ``1/rms`` (fp32, one value per token).
+
+    Autograd through that expression (HF Llama's ``LlamaRMSNorm``) keeps an fp32 copy of
+    ``x`` (bf16 inputs), the normalised value and ``1/rms``, and its backward allocates fp32
+    gradients of the whole input along both paths. Here forward and backward run over
+    balanced token tiles (``tile`` elements at most), in fp32; each token's arithmetic is the
+    expression's own in the forward (same operations, same order: the output is bitwise the
+    same), and the closed form of the input gradient in the backward (Zhang & Sennrich 2019,
+    "Root Mean Square Layer Normalization", section 3; the form fused kernels use, e.g.
+    Apex's ``fused_rms_norm``). With ``n = x * r``, ``r = 1/rms``, ``gn = g * weight``:
+
+        dL/dx = r * (gn - n * mean(gn * n)),    dL/dweight = sum over tokens of g * n,
+
+    where ``n`` in ``dL/dweight`` is the normalised value rounded to ``x``'s dtype, as the
+    forward multiplied it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, tile: int
+    ) -> torch.Tensor:
+        dim = x.shape[-1]
+        x2 = x.reshape(-1, dim)  # (tokens, dim): tokens = B*T/sp
+        y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        r = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)  # (tokens, 1)
+        for s, e in tile_bounds(x2.shape[0], max(1, tile // dim)):
+            xs = x2[s:e]
+            xf = xs.float()  # (tile, dim): a copy, unless x is fp32
+            r[s:e] = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            # The same multiplication, in place on a copy, never on x itself.
+            xf = xf * r[s:e] if xs.dtype == torch.float32 else xf.mul_(r[s:e])
+            torch.mul(weight, xf.to(x.dtype), out=y[s:e])
+        ctx.save_for_backward(x, weight, r)
+        ctx.tile = tile
+        return y.view(*x.shape[:-1], dim)  # (..., dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, r = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dim = x.shape[-1]
+        x2 = x.reshape(-1, dim)  # (tokens, dim)
+        g2 = g.reshape(-1, dim)  # (tokens, dim)
+        w32 = weight.float()
+        gx = torch.empty_like(x2) if need_x else None
+        gw = torch.zeros(dim, dtype=torch.float32, device=x.device) if need_w else None
+        for s, e in tile_bounds(x2.shape[0], max(1, ctx.tile // dim)):
+            xs, gs, rs = x2[s:e], g2[s:e], r[s:e]
+            n = torch.mul(xs, rs)  # (tile, dim) fp32: the forward's x.float() * r
+            buf = torch.empty_like(n)  # (tile, dim) fp32, reused by every product below
+            if gw is not None:
+                buf.copy_(n.to(x.dtype))  # what the forward multiplied the weight by
+                gw += buf.mul_(gs).sum(0)
+            if gx is not None:
+                c = torch.mul(n, w32, out=buf).mul_(gs).mean(-1, keepdim=True)  # mean(gn * n)
+                gn = torch.mul(gs, w32, out=buf)  # (tile, dim): the normalised value's gradient
+                gx[s:e] = gn.sub_(n.mul_(c)).mul_(rs)
+        gx = gx.view(x.shape) if gx is not None else None  # (..., dim)
+        gw = gw.to(weight.dtype) if gw is not None else None
+        return gx, gw, None, None
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back before the weight (as in HF Llama)."""
+    """Root-mean-square norm, computed in fp32 and cast back before the weight (as in HF Llama:
+    ``LlamaRMSNorm``), with a lean backward (:class:`_RMSNormFunction`).
+
+    Autograd keeps the input and the fp32 ``1/rms`` (``a*h + 4`` bytes per token); the fp32
+    work of forward and backward runs ``tile_elements`` at a time. The weight is handed to the
+    function as the module's own parameter, so a sharding engine's module hooks (ZeRO-3)
+    gather it for the forward and the backward as for any other module.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.tile_elements = NORM_TILE_ELEMENTS
+        """Most elements (tokens x dim) per tile of the fp32 work (``NORM_TILE_ELEMENTS``)."""
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.tile_elements)
 
 
 class Attention(nn.Module):

@@ -44,6 +44,10 @@ def test_dry_run_through_the_shell_script(tmp_path: Path) -> None:
     for row in rows[:2]:
         assert row["mfu_vs_measured"] == pytest.approx(row["mfu_window_vs_measured"])
     assert rows[2]["mfu_window_vs_measured"] > rows[2]["mfu_vs_measured"] > 0
+    # The levers stage: all four builds ran, and offload's host bytes are the planner's.
+    lev = report["levers"]
+    names = [row["lever"] for row in lev.get("rows", [])]
+    assert lev["ok"] and names == ["baseline", "tiled_mlp", "offload", "both"], lev
     assert r.stdout.strip().splitlines()[-1].startswith("  total")  # the table comes last
 
 

@@ -269,6 +269,32 @@ def test_host_memory_check(tmp_path: Path) -> None:
     assert check_host_memory(gib, 1, meminfo=tmp_path / "absent") is None
 
 
+def test_offload_check_counts_the_offloaded_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate_job's check adds what DeepSpeed offloads (the planner's host states) to the
+    block inputs: a host that holds the block inputs alone refuses them with the optimizer."""
+    import longtrain.train.offload as offload_mod
+    from longtrain.train.plan import CPU, PlanInput, check_offload_memory, memory
+    from longtrain.train.stages import resolve_stages
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = get_flavor("debug")  # 1.05M parameters; fp32 on this CPU machine
+    settings = dict(seq_len=4096, sp=2, zero_stage=3, activation_checkpointing="full",
+                    offload_activations=True)  # fmt: skip
+    ranks = 2
+    plain = PlanInput.of(cfg, device="cpu", attention="sdpa", **settings)
+    opt = plain.with_(offload_optimizer=True)
+    inputs = host_bytes_needed(4, 128, 2048, 1, torch.float32, "full")  # per rank
+    states = memory(opt, ranks, CPU)
+    per_rank_states = states.host_params + states.host_grads + states.host_optimizer
+    assert per_rank_states == pytest.approx(20 * cfg.num_params() / ranks)  # 12 + 4 + 4 bytes
+    # MemAvailable such that 80% of it holds both ranks' block inputs and half the states.
+    avail = (ranks * inputs + ranks * per_rank_states / 2) / 0.8
+    monkeypatch.setattr(offload_mod, "mem_available_bytes", lambda meminfo: int(avail))
+    check_offload_memory(plain.job, cfg, resolve_stages(plain.job), ranks)  # negative control
+    with pytest.raises(LongtrainError, match="other offload"):
+        check_offload_memory(opt.job, cfg, resolve_stages(opt.job), ranks)
+
+
 def test_host_bytes_needed() -> None:
     # 8B at 128K tokens, SP=8: 32 blocks x 16K local tokens x 4096 x bf16 = 4 GiB per rank.
     assert host_bytes_needed(32, 4096, 131072 // 8, 1, torch.bfloat16, "full") == 4 * (1 << 30)

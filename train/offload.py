@@ -168,16 +168,10 @@ class _Stash:
             self.owner.host_bytes -= self.nbytes
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a is b:
-        return True
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
-    )
+def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies a tensor's data without holding it: a saved tensor with this key is
+    (a view covering exactly) the same memory, read the same way."""
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
 class ActivationOffload:
@@ -227,11 +221,17 @@ class ActivationOffload:
 
         Any other saved tensor passes through as usual. With gradients on, ``x`` must be
         saved inside (otherwise the block is not checkpointed and offloading did nothing).
+
+        The hooks recognise ``x`` by its key (data pointer, shape, strides, dtype, device) and
+        hold no reference to it: autograd keeps the pack hook with every tensor it saves, so a
+        closure over ``x`` would keep the device copy alive until the backward, and offload
+        would free nothing.
         """
+        key = _tensor_key(x)
         seen = [False]
 
         def pack(t: torch.Tensor) -> Any:
-            if seen[0] or not _same_tensor(t, x):
+            if seen[0] or _tensor_key(t) != key:
                 return t
             seen[0] = True
             return self._offload(t)
