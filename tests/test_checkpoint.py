@@ -2,8 +2,12 @@
 integrity, ZeRO 0-3 consolidation, resharding 2 <-> 1, preemption agreement.
 
 Three process launches (tests/test_checkpoint_worker.py) do all the DeepSpeed work once per
-module; the tests below compare what they wrote. The peak memory of consolidation on a model
-big enough to tell is measured by bench/bench_checkpoint.py (see bench/RESULTS.md).
+module; the tests below compare what they wrote. The workers train on the trainer's loader
+over a data directory written here, step with ``train_step`` and save and resume through the
+``CheckpointManager``, so the loader position in a checkpoint is the real one, and a resume
+that lost it (or the RNG) is shown to fail the same comparisons. The peak memory of
+consolidation on a model big enough to tell is measured by bench/bench_checkpoint.py (see
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint_worker import GLOBAL_BATCH, SEQ, TOKENIZER_HASH, VOCAB, data_dir
+from test_train_parallel import make_stream, write_data_dir
 
 from longtrain.model.errors import LongtrainError
 from longtrain.train.checkpoint import (
@@ -76,6 +82,8 @@ def _launch(
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ckpt")
+    tokens, doc_starts, _ = make_stream(n_tokens=3000, vocab=VOCAB)  # 187 windows, no mask
+    write_data_dir(data_dir(out), (tokens, doc_starts, None), TOKENIZER_HASH, VOCAB)
     res = {"out": out}
     # Rank 0 dies after the other ranks finished, just before COMMIT.
     res["main"] = _launch(2, "main", out, fault="before_commit:0:4")
@@ -132,16 +140,49 @@ def test_exact_resume_bitwise_and_same_final_state(runs: dict) -> None:
     resumed = runs["resume"]["resume_losses"]
     assert resumed == straight  # bitwise: CPU fp32, dropout drawn from the restored RNG
     state = runs["resume"]["resume_state"]
-    assert state["step"] == 3 and state["loader"] == {"consumed_samples": 12}
+    # 12 windows consumed (the loader counts tokens), exactly where the straight run was.
+    assert state["step"] == 3 and state["loader"]["cursor"] == 12 * SEQ
+    assert state["loader"] == runs["main"]["loader_at_3"]
+    progress = state["progress"]
+    assert progress["step"] == 3 and progress["tokens_seen"] == 3 * GLOBAL_BATCH * SEQ
     # Weights, optimizer moments, LR scheduler, step counters, RNG of both ranks, loader state.
     out = runs["out"]
     assert _same_checkpoint(_ckpt(out / "exact", 6), _ckpt(out / "resumed", 6)) == []
 
 
+def test_checkpoint_comparison_sees_a_different_state(runs: dict) -> None:
+    # Negative control of _same_checkpoint (the resume, async and e2e comparisons): two saves
+    # of one run, 3 steps apart, differ in the loader position, progress, weights, optimizer
+    # and RNG, and it names each of them.
+    exact = runs["out"] / "exact"
+    diffs = _same_checkpoint(_ckpt(exact, 3), _ckpt(exact, 6))
+    for what in ("parts.loader.cursor", "parts.progress.step", "model_states", "optim_states"):
+        assert any(what in d for d in diffs), (what, diffs)
+    assert any(d.startswith("rng_state_rank00000") for d in diffs), diffs
+    assert any(d.startswith("rng_state_rank00001") for d in diffs), diffs
+
+
+def test_workers_use_the_engines_optimizer_rule(runs: dict) -> None:
+    # deepspeed_config's rule on CPU: torch's AdamW (DeepSpeed's own Adam would be JIT-built).
+    assert runs["main"]["optimizer"].startswith("torch.optim."), runs["main"]["optimizer"]
+
+
 def test_resume_without_rng_restore_would_differ(runs: dict) -> None:
-    # Guards the test above: dropout makes the losses depend on the RNG, so a resume that
-    # forgot the RNG (or the data position) could not pass by luck.
+    # Guards the test above: dropout makes the losses depend on the RNG (the same run without
+    # dropout gives other losses) ...
     assert runs["main"]["exact_losses"][3:6] != runs["main"]["plain_losses"][3:6]
+    # ... and the same resume that skipped restoring the RNG fails its comparison.
+    assert runs["resume"]["forgot_rng_losses"] != runs["main"]["exact_losses"][3:6]
+
+
+def test_resume_without_the_data_position_would_differ(runs: dict) -> None:
+    # Negative control of the exact and the resharded resumes: the same resume with the loader
+    # left at the start of the data (weights, optimizer and RNG restored) trains on other
+    # windows, and misses both comparisons (bitwise, and 1e-5 relative) by far.
+    forgot = runs["resume"]["forgot_loader_losses"]
+    straight = runs["main"]["exact_losses"][3:6]
+    assert forgot != straight
+    assert max(abs(x - y) / abs(y) for x, y in zip(forgot, straight)) > 1e-3, (forgot, straight)
 
 
 # ----------------------------------------------------------------------------- atomic commit
@@ -349,7 +390,7 @@ def _close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
 def test_reshard_2_to_1_keeps_optimizer_and_data_order(runs: dict) -> None:
     resumed = runs["single"]["resharded_losses"]
     assert _close(resumed, runs["main"]["plain_losses"][3:6]), resumed
-    assert runs["single"]["resharded_state"]["loader"] == {"consumed_samples": 12}
+    assert runs["single"]["resharded_state"]["loader"]["cursor"] == 12 * SEQ
     assert (
         runs["out"] / "plain2" / "checkpoints" / "universal" / "step_00000003" / "COMMIT"
     ).is_file()
@@ -358,6 +399,7 @@ def test_reshard_2_to_1_keeps_optimizer_and_data_order(runs: dict) -> None:
 def test_reshard_1_to_2_keeps_optimizer_and_data_order(runs: dict) -> None:
     resumed = runs["resume"]["resharded_losses"]
     assert _close(resumed, runs["single"]["plain_losses"][3:6]), resumed
+    assert runs["resume"]["resharded_state"]["loader"]["cursor"] == 12 * SEQ
 
 
 def test_reshard_guard_is_not_vacuous(runs: dict) -> None:

@@ -319,6 +319,7 @@ def test_export_hf_streams_the_files_save_hf_writes(
     from longtrain.launch.cli import main as cli_main
     from longtrain.model.config import ModelConfig
     from longtrain.model.transformer import Transformer
+    from longtrain.train.artifacts import open_artifact
     from longtrain.train.export import save_hf
     from longtrain.train.reshard import consolidate_state_dict
 
@@ -328,7 +329,8 @@ def test_export_hf_streams_the_files_save_hf_writes(
     model.load_state_dict(consolidate_state_dict(ckpt))
     ref, out = tmp_path / "ref", tmp_path / "out"
     shard = "20KB"  # the 400 x 32 embedding alone is 51 KB: several shards and an index
-    save_hf(model, ref, tokenizer=data_dir / "tokenizer", dtype=dtype, max_shard_size=shard)
+    record = open_artifact(ckpt).record()  # the run's figures: the model card is the same
+    save_hf(model, ref, data_dir / "tokenizer", dtype, shard, record=record)
     args = ["export-hf", "--checkpoint", str(e2e["ref"]), "--out", str(out)]
     assert cli_main([*args, "--dtype", dtype, "--max-shard-size", shard]) == 0
     files = sorted(p.name for p in ref.iterdir())

@@ -1,7 +1,8 @@
-"""Distributed long-context eval: SP=2 equals SP=1, the in-training long eval, the optimizer choice.
+"""Distributed eval: SP=2 equals SP=1, the in-training long eval and validation loss, the optimizer.
 
 Multi-process parts run the real commands under torchrun (2 CPU processes, gloo, fp32, free
-ports, collective and subprocess timeouts) and compare with the single-process result.
+ports, collective and subprocess timeouts) and compare with the single-process result; each
+comparison is also shown to refuse a run with a known bug (a hooked entry point).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,12 +53,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tok": tok, "data": data, "ckpt": root / "ckpt", "root": root}
 
 
-def _torchrun(args: list[str], log: Path, timeout: int = 240) -> str:
-    """``torchrun --nproc_per_node 2 -m longtrain.launch ARGS``; fails the test with the log."""
+def _torchrun(args: list[str], log: Path, timeout: int = 240, script: Path | None = None) -> str:
+    """``torchrun --nproc_per_node 2 -m longtrain.launch ARGS`` (or ``SCRIPT ARGS``); fails the
+    test with the log."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    entry = [str(script)] if script else ["-m", "longtrain.launch"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", "longtrain.launch", *args]  # fmt: skip
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *entry, *args]  # fmt: skip
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
@@ -74,8 +77,47 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= RTOL * abs(b)
 
 
+def _check_ppl(one: dict, two: dict) -> None:
+    """The SP=2 loss-by-position result against one process's (AssertionError if not equal)."""
+    assert (one["sp"], two["sp"]) == (1, 2) and one["windows"] == two["windows"] == 3
+    assert [b["tokens"] for b in two["buckets"]] == [b["tokens"] for b in one["buckets"]]
+    assert sum(b["tokens"] for b in one["buckets"]) == one["tokens"] > 500
+    for b1, b2 in zip(one["buckets"], two["buckets"]):
+        assert _close(b2["loss"], b1["loss"]), (b1, b2)
+    assert _close(two["loss"], one["loss"])
+
+
+# `longtrain` with the classic SP bug, for the negative control below: every SP rank but the
+# first numbers the tokens of its first (partial) document from 0 at its shard start.
+SHARD_POSITIONS_HOOK = """
+import sys
+
+import longtrain.data.loader as loader
+from longtrain.launch.cli import main
+
+to_batch = loader.to_batch
+
+
+def restarting_positions(packed, sample_ids, sp_rank, sp_size, *args, **kwargs):
+    batch = to_batch(packed, sample_ids, sp_rank, sp_size, *args, **kwargs)
+    if sp_rank > 0:
+        pos = batch["position_ids"].clone()
+        for row in pos:
+            starts = (row == 0).nonzero()
+            end = int(starts[0]) if len(starts) else len(row)
+            row[:end] -= int(row[0])
+        batch["position_ids"] = pos
+    return batch
+
+
+loader.to_batch = restarting_positions
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sp2_eval_equals_sp1(setup: dict[str, Path]) -> None:
-    """The same per-bucket losses and passkey scores from 2 Ulysses ranks as from one process."""
+    """The same per-bucket losses and passkey scores from 2 Ulysses ranks as from one process;
+    negative control: the same comparison refuses shards that restart their positions."""
     root, ckpt = setup["root"], str(setup["ckpt"])
     ppl = ["eval", "--checkpoint", ckpt, "--task", "ppl", "--data", str(setup["data"]),
            "--seq-len", "256", "--bucket", "64", "--samples", "3"]  # fmt: skip
@@ -90,12 +132,14 @@ def test_sp2_eval_equals_sp1(setup: dict[str, Path]) -> None:
 
     one = json.loads((root / "sp1" / "ppl_by_position.json").read_text())
     two = json.loads((root / "sp2" / "ppl_by_position.json").read_text())
-    assert (one["sp"], two["sp"]) == (1, 2) and one["windows"] == two["windows"] == 3
-    assert [b["tokens"] for b in two["buckets"]] == [b["tokens"] for b in one["buckets"]]
-    assert sum(b["tokens"] for b in one["buckets"]) == one["tokens"] > 500
-    for b1, b2 in zip(one["buckets"], two["buckets"]):
-        assert _close(b2["loss"], b1["loss"]), (b1, b2)
-    assert _close(two["loss"], one["loss"])
+    _check_ppl(one, two)
+    hook = root / "shard_positions_hook.py"
+    hook.write_text(SHARD_POSITIONS_HOOK)
+    _torchrun([*ppl, "--out", str(root / "sp2_bug"), "--sp", "2", "--timeout", "120"],
+              root / "ppl_bug.log", script=hook)  # fmt: skip
+    bad = json.loads((root / "sp2_bug" / "ppl_by_position.json").read_text())
+    with pytest.raises(AssertionError):
+        _check_ppl(one, bad)
 
     one = json.loads((root / "sp1" / "passkey.json").read_text())
     two = json.loads((root / "sp2" / "passkey.json").read_text())
@@ -165,6 +209,90 @@ def test_long_eval_in_training_loop(setup: dict[str, Path]) -> None:
     assert _close(last["long_eval/loss"], ref["loss"])
 
 
+# `longtrain` with one addition, for the negative control of the test below: every validation
+# row also carries the value a validator without its all-reduce would report (this rank's own
+# windows and sequence shard only).
+VALIDATION_HOOK = """
+import sys
+
+import longtrain.train.eval.validator as validator
+import longtrain.train.tasks as tasks
+from longtrain.launch.cli import main
+
+
+def with_control(engine, job, topo, device):
+    row = validator.validation_loss(engine, job, topo, device)
+    reduce = validator.all_reduce_sum
+    validator.all_reduce_sum = lambda values, device, group=None: [float(v) for v in values]
+    try:
+        row["val_loss_unreduced"] = validator.validation_loss(engine, job, topo, device)["val_loss"]
+    finally:
+        validator.all_reduce_sum = reduce
+    return row
+
+
+tasks.validation_loss = with_control
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_validation_loss_under_sp2_and_dp2_equals_one_process(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """``val_loss`` of ``longtrain pretrain`` on 2 ranks, as SP=2 and as DP=2, equals the
+    single-process value within 1e-6 before training and within 1e-5 after a step. Negative
+    control: what a validator without its all-reduce reports misses by orders of magnitude."""
+    hook = tmp_path / "hooked_validation.py"
+    hook.write_text(VALIDATION_HOOK)
+    cfg = tmp_path / "val.yaml"
+    cfg.write_text(
+        "model: {flavor: debug, attention: sdpa, overrides: {dim: 64, n_layers: 2, n_heads: 4,"
+        " n_kv_heads: 2, ffn_dim: 128, init_std: 0.2}}\n"  # windows' losses differ widely
+        "data: {seq_len: 64, val_batches: 0}\n"  # every validation window, whatever the DP size
+        "train: {steps: 1, micro_batch: 2, lr: 3.0e-3, warmup: 1}\n"
+        "parallel: {dtype: fp32, timeout_s: 120}\n"
+        "checkpoint: {interval: 0}\n"
+        "log: {interval: 1, eval_interval: 1, progress: false, tensorboard: false}\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # The same 2 windows per step in all three runs (DP=2 takes one each).
+    runs = {"one": [], "sp2": ["parallel.sp=2"], "dp2": ["train.micro_batch=1"]}
+    procs = {}
+    for name, extra in runs.items():
+        args = ["pretrain", "--config", str(cfg), f"data.dir={setup['data']}",
+                f"run_dir={tmp_path / name}", *extra]  # fmt: skip
+        cmd = [sys.executable, "-m", "longtrain.launch", *args]  # the reference: one process
+        if name != "one":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(hook), *args]  # fmt: skip
+        with open(tmp_path / f"{name}.log", "w") as log:  # the three runs at the same time
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    try:
+        for name, p in procs.items():
+            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert rc == 0, f"{name}: rc={rc}\n{(tmp_path / f'{name}.log').read_text()[-5000:]}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    rows = {}
+    for name in runs:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = {r["step"]: r for r in map(json.loads, lines) if "val_loss" in r}
+    ref = rows["one"]
+    assert sorted(ref) == [0, 1] and sorted(rows["sp2"]) == sorted(rows["dp2"]) == [0, 1]
+    for name in ("sp2", "dp2"):
+        for step, rtol in ((0, 1e-6), (1, 1e-5)):
+            got, want = rows[name][step]["val_loss"], ref[step]["val_loss"]
+            assert abs(got - want) <= rtol * want, (name, step, got, want)
+        bad, want = rows[name][0]["val_loss_unreduced"], ref[0]["val_loss"]
+        miss = abs(bad - want) / (1e-6 * want)
+        print(f"{name}: val_loss {rows[name][0]['val_loss']!r}, one process {want!r}, "
+              f"without the all-reduce {bad!r} ({miss:.0f}x the tolerance)")  # fmt: skip
+        assert miss >= 100, (name, bad, want)
+
+
 @pytest.mark.parametrize(
     "offload, prebuilt, cxx, cuda_home, uses_torch",
     [
@@ -172,11 +300,11 @@ def test_long_eval_in_training_loop(setup: dict[str, Path]) -> None:
         (False, {"fused_adam": True}, None, None, False),  # prebuilt: DeepSpeed's FusedAdam
         (True, {}, None, "/usr/local/cuda", True),  # offload, no compiler: torch's AdamW
         (True, {}, "/usr/bin/c++", None, True),  # offload, no CUDA toolkit: torch's AdamW
-        (True, {}, "/usr/bin/c++", "/usr/local/cuda", False),  # CPU Adam JIT-builds
+        (True, {}, "/usr/bin/c++", "/usr/local/cuda", True),  # never JIT the CPU Adam either
         (True, {"cpu_adam": True}, None, None, False),
     ],
 )
-def test_gpu_optimizer_never_needs_a_missing_compiler(
+def test_gpu_optimizer_is_never_jit_built(
     monkeypatch: pytest.MonkeyPatch,
     offload: bool,
     prebuilt: dict,

@@ -93,6 +93,34 @@ def test_negative_control_dropped_rope_scaling(rope: str) -> None:
     assert _max_diff(m, hf, 4 * ORIG) > 1e-2
 
 
+def _parity_from_rope_parameters(m: Transformer, path: Path, corrupt: bool = False) -> float:
+    """Export, drop the legacy ``rope_scaling`` from config.json so that transformers 5 must
+    read ``rope_parameters``, load, compare logits beyond the original context.
+
+    ``corrupt`` (the negative control) halves the factor in ``rope_parameters``: the same
+    harness must then see the wrong angles.
+    """
+    save_hf(m, path, dtype="fp32")
+    cfg_file = path / "config.json"
+    d = json.loads(cfg_file.read_text())
+    assert d.pop("rope_scaling") is not None
+    if corrupt:
+        d["rope_parameters"]["factor"] /= 2
+    cfg_file.write_text(json.dumps(d))
+    hf = _hf_from_dir(path)
+    assert hf.config.rope_parameters == d["rope_parameters"]  # what transformers went by
+    return _max_diff(m, hf, 4 * ORIG)
+
+
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_logits_match_transformers_from_rope_parameters_alone(rope: str, tmp_path) -> None:
+    m = _model(_cfg(rope_scaling=ROPE[rope]))
+    diff = _parity_from_rope_parameters(m, tmp_path / "ok")
+    assert diff <= 1e-4, f"{rope}: max |diff| {diff:.2e}"
+    bad = _parity_from_rope_parameters(m, tmp_path / "bad", corrupt=True)
+    assert bad > 1e-2, f"{rope}: a halved factor in rope_parameters went unseen ({bad:.2e})"
+
+
 def test_negative_control_swapped_qk() -> None:
     cfg = _cfg(n_kv_heads=4)
     m = _model(cfg)
