@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     # The deepspeed launcher appends --local_rank=N; accept and ignore it (LOCAL_RANK is set too).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (NaN and inf are refused, with the reason)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into weights")
     p.add_argument(
+        "--lora-adapter",
+        default=None,
+        metavar="DIR",
+        help="also write a LoRA run's adapters to DIR as a PEFT adapter directory; --out then "
+        "holds the merged model with --merge-lora, else the base weights the adapter applies to",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the contents of a non-empty --out that is not a longtrain export",
@@ -167,15 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence-parallel degree; > 1 under torchrun --nproc_per_node N (N divisible by it)",
     )
     p.add_argument(
+        "--ring",
+        type=int,
+        default=1,
+        help="ring-attention degree inside --sp (sp = ulysses x ring; --ring equal to --sp is pure ring)",
+    )
+    p.add_argument(
         "--timeout", type=int, default=1800, help="collective timeout in seconds (distributed)"
     )
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("plan", help="predict memory, step time and MFU before booking a cluster")
     p.add_argument("--config", required=True, help="YAML job config")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GB")
+    p.add_argument("--gpus", type=_positive(int), required=True, help="number of GPUs")
+    p.add_argument("--gpu-mem", type=_positive(float), required=True, help="memory per GPU in GB")
     p.add_argument("--gpu", choices=["a100", "h100", "h200"], default="h100")
+    p.add_argument(
+        "--host-mem", type=_positive(float), default=None, help="host RAM per node in GB"
+    )
+    p.add_argument(
+        "--max-seq", action="store_true", help="the longest window over every layout and lever"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser

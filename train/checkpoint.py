@@ -22,6 +22,7 @@ loadable with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import random
@@ -43,9 +44,11 @@ from longtrain.train.files import (
     COMMIT,
     FORMAT_VERSION,
     LATEST,
+    METRICS,
     MODEL_CONFIG,
     PENDING,
     RNG_STATE,
+    STEP_RE,
     UNIVERSAL,
     atomic_write_text,
     hash_file,
@@ -194,20 +197,28 @@ class _RecordingEngine:
     """Wraps DeepSpeed's checkpoint engine to learn which files this rank writes.
 
     With ``capture=True`` nothing is written: each state is snapshotted (tensors copied to
-    CPU, so training may go on) and written later by the async writer thread.
+    CPU, so training may go on) and written later by the async writer thread. A write that
+    fails for lack of space is recorded instead of raised, so that DeepSpeed's own
+    collectives inside the save complete on every rank and the ranks then fail together.
     """
 
     def __init__(self, inner: Any, capture: bool) -> None:
         self._inner, self._capture = inner, capture
         self.paths: list[str] = []
         self.captured: list[tuple[str, Any]] = []
+        self.error: str | None = None
 
     def save(self, state_dict: Any, path: str) -> None:
         self.paths.append(str(path))
         if self._capture:
             self.captured.append((str(path), _snapshot(state_dict)))
-        else:
-            self._inner.save(state_dict, path)
+        elif self.error is None:
+            try:
+                self._inner.save(state_dict, path)
+            except (OSError, RuntimeError) as e:
+                if not is_disk_full(e):
+                    raise
+                self.error = disk_full_message(Path(path))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -226,6 +237,66 @@ def _snapshot(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """True for the ways a write reports a full filesystem (or quota): ENOSPC/EDQUOT, and
+    torch.save's ``inline_container.cc ... unexpected pos`` (its writer hides the errno)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left" in text or ("inline_container" in text and "unexpected pos" in text)
+
+
+def _mount_point(path: Path) -> Path:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def disk_full_message(file: Path) -> str:
+    """One line: which filesystem is full, what was being written, how much a save needs."""
+    mount = _mount_point(Path(file))
+    free = shutil.disk_usage(mount).free
+    root = Path(file).parent.parent  # run_dir/checkpoints
+    sizes = []
+    for _s, p, committed in list_checkpoints(root.parent):
+        if committed:
+            marker = json.loads((p / COMMIT).read_text())
+            sizes.append(sum(int(f["size"]) for f in marker["files"].values()))
+    need = f"~{sizes[-1] / 1e9:.2f} GB per checkpoint" if sizes else "the size of one checkpoint"
+    return (
+        f"no space left on {mount} while writing {file} (a save needs {need}, {free / 1e9:.2f} GB "
+        "free); free space or point run_dir at a larger filesystem, then resume: the previous "
+        "committed checkpoint is intact"
+    )
+
+
+def _all_or_none(fn: Any) -> None:
+    """Run ``fn`` on every rank; if it fails on any rank (disk full, a LongtrainError), every
+    rank raises that rank's one-line message instead of some ranks waiting in a barrier."""
+    _, world = rank_world()
+    err: str | None = None
+    try:
+        fn()
+    except LongtrainError as e:
+        err = str(e)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        err = disk_full_message(Path(getattr(e, "filename", None) or _writing["file"] or "."))
+    if world > 1:
+        errs: list[str | None] = [None] * world
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise LongtrainError(err)
+
+
+_writing: dict[str, str | None] = {"file": None}
+"""The file the checkpoint writer is writing now (named when the disk fills up)."""
+
 _pending: dict[str, Any] = {"thread": None, "error": None}
 
 
@@ -236,6 +307,8 @@ def wait_for_pending_save() -> None:
         t.join()
         _pending["thread"] = None
     err, _pending["error"] = _pending["error"], None
+    if isinstance(err, LongtrainError):
+        raise LongtrainError(f"asynchronous checkpoint save failed: {err}") from None
     if err is not None:
         raise LongtrainError(f"asynchronous checkpoint save failed: {err}") from err
 
@@ -282,8 +355,12 @@ def save_checkpoint(
             shutil.rmtree(path)
     _barrier()
     if is_committed(path):
-        log.warning("checkpoint %s already committed; not saving step %d again", path, step)
-        return path
+        # A run never skips its own save: a committed directory of this step belongs to
+        # another lineage (the trainer refuses or sets aside such checkpoints before it starts).
+        raise LongtrainError(
+            f"{path} is already committed by another run; this run's step {step} cannot be "
+            "saved there: use a new run_dir or resume with checkpoint.resume=auto"
+        )
 
     try:
         state_text = json.dumps(client_state, sort_keys=True, indent=1)
@@ -311,10 +388,14 @@ def save_checkpoint(
         engine.checkpoint_engine = rec._inner
 
     def write_and_commit() -> None:
+        if rec.error:
+            raise LongtrainError(rec.error)
         for p, state in rec.captured:
+            _writing["file"] = p
             torch.save(state, p)
         mine = [Path(p) for p in rec.paths]
         rng_path = path / RNG_STATE.format(rank=rank)
+        _writing["file"] = str(rng_path)
         torch.save(rng, rng_path)
         mine.append(rng_path)
         if rank == 0:
@@ -350,11 +431,8 @@ def save_checkpoint(
         _prune(run_dir, keep)
 
     if not async_save:
-        write_and_commit()
-        _barrier()
-        if rank == 0:
-            commit(wait_s=60.0)
-        _barrier()
+        _all_or_none(write_and_commit)
+        _all_or_none(lambda: commit(wait_s=60.0) if rank == 0 else None)
         return path
 
     def run() -> None:
@@ -363,6 +441,8 @@ def save_checkpoint(
             if rank == 0:
                 commit(wait_s=commit_timeout_s)
         except BaseException as e:  # reported by wait_for_pending_save
+            if isinstance(e, (OSError, RuntimeError)) and is_disk_full(e):
+                e = LongtrainError(disk_full_message(Path(_writing["file"] or path)))
             _pending["error"] = e
 
     t = threading.Thread(target=run, name=f"ckpt-{tag}", daemon=False)
@@ -583,3 +663,79 @@ class CheckpointManager:
             if saved.get(name) is not None:
                 part.load_state_dict(saved[name])
         return state
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+ABANDONED = "abandoned"
+"""``checkpoints/abandoned/``: checkpoints newer than the one a run was resumed from."""
+
+
+def _has_run(run_dir: Path) -> list[str]:
+    found = [p.name for _s, p, _c in list_checkpoints(run_dir)]
+    if (run_dir / METRICS).is_file():
+        found.append(METRICS)
+    return found
+
+
+def check_lineage(run_dir: str | Path, resume: str) -> None:
+    """Refuse a resume setting that would mix two runs in one run directory.
+
+    One run directory holds one lineage of checkpoints and metrics. ``never`` in a directory
+    that already holds a run, or a checkpoint of another directory resumed into one that has
+    its own, would save, prune and log across both: refused, naming the fix. Runs on every
+    rank before any process group (it only reads the filesystem).
+    """
+    run_dir = Path(run_dir)
+    used = _has_run(run_dir)
+    if not used:
+        return
+    if resume == "never":
+        raise LongtrainError(
+            f"run_dir {run_dir} already holds a run ({', '.join(used[:3])}); "
+            "checkpoint.resume=never would mix two runs in it: pass a new run_dir, or "
+            "checkpoint.resume=auto to continue that run"
+        )
+    if resume not in ("auto", "never"):
+        src = resolve_checkpoint(resume).resolve()
+        if src.parent != (run_dir / CHECKPOINTS).resolve():
+            raise LongtrainError(
+                f"checkpoint.resume={resume} belongs to another run, and run_dir {run_dir} "
+                f"already holds one ({', '.join(used[:3])}): resume into a new run_dir"
+            )
+
+
+def set_aside_future(run_dir: str | Path, resumed_from: Path) -> list[Path]:
+    """Move the checkpoints newer than ``resumed_from`` into ``checkpoints/abandoned/``.
+
+    Resuming from an older checkpoint of a run abandons the steps after it; their directories
+    (committed or not, intact or corrupt) must neither be pruned in place of the one resumed
+    from nor be mistaken for the newest state later. Nothing is deleted. Rank 0 only.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    if Path(resumed_from).resolve().parent != root.resolve():
+        return []
+    step = int(STEP_RE.match(Path(resumed_from).name).group(1))  # type: ignore[union-attr]
+    moved = []
+    for s, path, _committed in list_checkpoints(run_dir):
+        if s <= step:
+            continue
+        dest = root / ABANDONED / path.name
+        n = 1
+        while dest.exists():
+            dest, n = root / ABANDONED / f"{path.name}.{n}", n + 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        shutil.rmtree(root / UNIVERSAL / path.name, ignore_errors=True)
+        log.warning(
+            "resuming from %s: the newer checkpoint %s belongs to an abandoned future; moved to %s",
+            resumed_from.name,
+            path.name,
+            dest,
+        )
+        moved.append(dest)
+    latest = root / LATEST
+    if moved and latest.is_file():
+        atomic_write_text(latest, Path(resumed_from).name + "\n")
+    return moved

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from longtrain.data.loader import load_manifest
+from longtrain.data.mixture import check_mix, check_mix_tokenizers
 from longtrain.data.tokenizer import check_tokenizer_hash, tokenizer_hash
+from longtrain.model.attention import resolve_core_name
 from longtrain.model.config import ModelConfig, get_flavor
 from longtrain.model.errors import LongtrainError
 from longtrain.model.lora import LoRAConfig
-from longtrain.train.offload import check_host_memory, host_bytes_needed
 from longtrain.train.parallel import sp_layout_problem
 from longtrain.train.stages import Stage, resolve_stages, stage_model_config
 
@@ -63,6 +63,12 @@ class ModelSection:
     init: str = ""
     """finetune only: start from this longtrain checkpoint, run dir, model dir or HF Llama
     directory (its shape wins over ``flavor``; ``overrides`` may change RoPE and max_seq_len)."""
+    compile: bool = False
+    """``torch.compile`` each transformer block's forward on its own (the attention core stays
+    eager; under ZeRO-3 each block becomes one gathering unit), for training steps only:
+    evaluation and export run the same weights eagerly. The first step pays the compile
+    (15 s for ``tiny`` on a 2-core CPU; logged once). Off by default: on that CPU the 1.12x
+    faster steps pay it back after ~270 steps, past a demo run (``bench/RESULTS.md``)."""
 
 
 @dataclass
@@ -71,6 +77,11 @@ class DataSection:
 
     dir: str = ""
     """Data directory written by ``longtrain prepare`` (holds manifest.json and the tokenizer)."""
+    mix: list = field(default_factory=list)
+    """Instead of ``dir``: a weighted mixture of data directories, a list of ``{name, dir,
+    weight}`` (each prepared with the same tokenizer). Windows are drawn from the sources by
+    weight in a deterministic order (``longtrain.data.mixture``); rows of metrics.jsonl carry
+    ``tokens_by_source`` and validation ``val_loss/<name>``. A stage may set its own ``mix``."""
     seq_len: int = 2048
     """Tokens per training window (the full sequence, before sequence-parallel sharding)."""
     attention: str = "document"
@@ -90,6 +101,13 @@ class DataSection:
             self.val_batches >= 0,
             f"data.val_batches={self.val_batches}: must be >= 0 (0 = every validation window)",
         )
+        _need(
+            not (self.dir and self.mix),
+            "data.dir and data.mix are both set; a job reads one: drop data.dir (list it as a "
+            "source of data.mix) or drop data.mix",
+        )
+        if self.mix:
+            check_mix(self.mix)
 
 
 @dataclass
@@ -182,7 +200,10 @@ class ParallelSection:
     """How the job is spread over ranks: world = data parallel x sequence parallel."""
 
     sp: int = 1
-    """Ulysses sequence-parallel degree; consecutive ranks form a group (keep it within a node)."""
+    """Sequence-parallel degree in all (Ulysses x ring); consecutive ranks form a group."""
+    ring: int = 1
+    """Ring-attention degree inside the SP group (sp = ulysses x ring; ring=sp is pure ring).
+    Ulysses groups are consecutive ranks (inside a node), ring groups stride across them."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3 (3 shards parameters too; the model is built already sharded)."""
     offload_optimizer: bool = False
@@ -203,6 +224,10 @@ class ParallelSection:
 
     def __post_init__(self) -> None:
         _need(self.sp >= 1, f"parallel.sp must be >= 1, got {self.sp}")
+        _need(
+            self.ring >= 1 and self.sp % self.ring == 0,
+            f"parallel.ring={self.ring} must divide parallel.sp={self.sp} (sp = ulysses x ring)",
+        )
         _need(
             self.zero_stage in (0, 1, 2, 3),
             f"parallel.zero_stage must be 0-3, got {self.zero_stage}",
@@ -527,8 +552,29 @@ def load_job(path: str | os.PathLike | None, overrides: list[str] | None = None)
 def read_manifest(data_dir: str) -> dict[str, Any]:
     """The data directory's manifest.json, or a one-line error naming data.dir and the fix."""
     if not data_dir:
-        raise LongtrainError("data.dir is not set; run `longtrain prepare` and pass data.dir=DIR")
+        raise LongtrainError(
+            "data.dir is not set; run `longtrain prepare` and pass data.dir=DIR (or data.mix)"
+        )
     return load_manifest(data_dir)
+
+
+def data_dirs(job: JobConfig, stages: list[Stage] | None = None) -> list[str]:
+    """Every data directory the job reads (``data.dir``, or the sources of every mixture)."""
+    mixes = [job.data.mix] + [st.mix for st in stages or [] if st.mix]
+    dirs = [str(m["dir"]) for mix in mixes for m in mix or []]
+    return list(dict.fromkeys(dirs)) if dirs else [job.data.dir]
+
+
+def job_manifest(job: JobConfig, stages: list[Stage] | None = None) -> dict[str, Any]:
+    """The manifest that describes the job's tokens (vocabulary, tokenizer hash): the one of
+    ``data.dir``, or of the first mixture source once every source is checked to have been
+    prepared with one tokenizer (the error names the source that differs)."""
+    mixes = [("data.mix", job.data.mix)] + [(f"{st.where}.mix", st.mix) for st in stages or []]
+    want = None
+    for where, mix in mixes:
+        if mix:
+            want = check_mix_tokenizers(mix, want, where)
+    return read_manifest(data_dirs(job, stages)[0])
 
 
 def resolve_model_config(job: JobConfig, manifest: dict[str, Any] | None = None) -> ModelConfig:
@@ -570,19 +616,35 @@ def apply_init_overrides(job: JobConfig, cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(**{k: v for k, v in job.model.overrides.items() if k in ROPE_FIELDS})
 
 
-def check_sp(cfg: ModelConfig, sp: int, world_size: int, seq_len: int, key: str) -> None:
-    """The sequence-parallel rules for one degree ``sp`` (``key`` names the setting)."""
+def check_sp(
+    cfg: ModelConfig, sp: int, world_size: int, seq_len: int, key: str, ring: int = 1
+) -> None:
+    """The sequence-parallel rules for one degree ``sp`` with ``ring`` ring ranks inside it
+    (``key`` names the setting): ring divides sp, sp/ring (the Ulysses degree) divides the
+    heads, and the window splits evenly -- into 2 x ring zigzag chunks, each cut over the
+    Ulysses ranks, when ring > 1 (documents need no padding; only the window length)."""
     if world_size % sp != 0:
         raise LongtrainError(
             f"{key}={sp} does not divide the world size {world_size}; use an sp that "
             "divides the number of processes"
         )
-    problem = sp_layout_problem(cfg.n_heads, cfg.n_kv_heads, sp)
+    if ring < 1 or sp % ring:
+        raise LongtrainError(
+            f"parallel.ring={ring} does not divide {key}={sp}; sp = ulysses x ring, so pick a "
+            f"ring degree dividing {sp}"
+        )
+    problem = sp_layout_problem(cfg.n_heads, cfg.n_kv_heads, sp, ring)
     if problem:
         raise LongtrainError(f"{key}={sp} {problem}")
     if seq_len % sp != 0:
         raise LongtrainError(
             f"data.seq_len={seq_len} is not divisible by {key}={sp}; use a multiple of {sp}"
+        )
+    if ring > 1 and seq_len % (2 * sp):
+        raise LongtrainError(
+            f"data.seq_len={seq_len} is not a multiple of 2 x {key} = {2 * sp}: with "
+            f"parallel.ring={ring} each window is cut into {2 * ring} zigzag chunks split over "
+            f"{sp // ring} Ulysses ranks; use a multiple of {2 * sp}"
         )
 
 
@@ -624,15 +686,17 @@ def validate_job(
     stages are checked one by one (``longtrain.train.stages``).
     """
     check_command(job, command)
+    resolve_core_name(job.model.attention)  # an unavailable core fails here, naming the fix
     d = job.data
     manifest = None
+    stages = resolve_stages(job)
     if check_data and job.finetune.task == "lm":
-        manifest = read_manifest(d.dir)
+        manifest = job_manifest(job, stages)
         if d.tokenizer:
             check_tokenizer_hash(
                 str(manifest.get("tokenizer_hash", "")),
                 tokenizer_hash(d.tokenizer, "data.tokenizer"),
-                f"the data in data.dir {d.dir}",
+                f"the data in data.dir {d.dir or data_dirs(job, stages)[0]}",
                 f"data.tokenizer {d.tokenizer}",
                 f"use {Path(d.dir) / 'tokenizer'} or re-run `longtrain prepare`",
             )
@@ -646,11 +710,10 @@ def validate_job(
             f"{what} has vocab_size={cfg.vocab_size}, smaller than the data's vocabulary "
             f"({manifest['vocab_size']}); drop model.overrides.vocab_size or use another model"
         )
-    stages = resolve_stages(job)
     staged = bool(job.train.stages or job.finetune.stages)
     for st in stages:
         key = f"{st.where}.sp" if staged else "parallel.sp"
-        check_sp(stage_model_config(cfg, st), st.sp, world_size, st.seq_len, key)
+        check_sp(stage_model_config(cfg, st), st.sp, world_size, st.seq_len, key, job.parallel.ring)
         if job.train.micro_batch * (world_size // st.sp) * st.grad_accum <= 0:
             raise LongtrainError("train.micro_batch * DP * train.grad_accum must be positive")
     if job.finetune.task == "classify" and len(stages) > 1:
@@ -662,8 +725,6 @@ def validate_job(
             f"log.long_eval_passkey={job.log.long_eval_passkey!r}: {bad[0]} is above the "
             f"longest window data.seq_len={longest}; use lengths <= {longest}"
         )
-    if job.parallel.offload_activations:
-        check_offload_memory(job, cfg, stages, world_size)
     r = job.checkpoint.resume
     if r not in ("auto", "never") and not Path(r).is_dir():
         raise LongtrainError(
@@ -675,25 +736,15 @@ def validate_job(
     return cfg
 
 
-def check_offload_memory(
-    job: JobConfig, cfg: ModelConfig, stages: list[Stage], world_size: int
-) -> None:
-    """Refuse activation offload when this host cannot hold what its ranks would put there."""
-    on_gpu = torch.cuda.is_available()
-    bf16 = job.parallel.dtype == "bf16" or (job.parallel.dtype == "auto" and on_gpu)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    need = max(
-        host_bytes_needed(cfg.n_layers, cfg.dim, st.seq_len // st.sp, st.micro_batch, dtype,
-                          job.parallel.activation_checkpointing)
-        for st in stages
-    )  # fmt: skip
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, 8)))
-    check_host_memory(need, ranks_on_host=local)
-
-
-def check_data(job: JobConfig, manifest: dict[str, Any], stages: list[Stage]) -> None:
+def check_data(job: JobConfig, stages: list[Stage]) -> None:
     """The data against the job: enough training tokens for the longest window, a validation
-    split that holds a window when the job evaluates."""
+    split that holds a window when the job evaluates, in every directory it reads."""
+    for d in data_dirs(job, stages):
+        _check_split_sizes(job, d, read_manifest(d), stages)
+
+
+def _check_split_sizes(job: JobConfig, data_dir: str, manifest: dict[str, Any],
+                       stages: list[Stage]) -> None:  # fmt: skip
     longest = max(s.seq_len for s in stages)
     splits = manifest.get("splits") or {}
 
@@ -704,14 +755,14 @@ def check_data(job: JobConfig, manifest: dict[str, Any], stages: list[Stage]) ->
     have = tokens("train")
     if have < longest + 1:
         raise LongtrainError(
-            f"data.dir {job.data.dir}: the train split has {have} tokens, fewer than one window "
+            f"data.dir {data_dir}: the train split has {have} tokens, fewer than one window "
             f"of data.seq_len+1={longest + 1}; lower data.seq_len or prepare more data"
         )
     if job.log.eval_interval or job.log.long_eval_interval:
         val = tokens("val")
         if val < longest + 1:
             raise LongtrainError(
-                f"data.dir {job.data.dir}: the validation split has {val} tokens, fewer than one "
+                f"data.dir {data_dir}: the validation split has {val} tokens, fewer than one "
                 f"window of data.seq_len+1={longest + 1}; prepare with a larger --val-fraction, "
                 "lower data.seq_len, or set log.eval_interval=0"
             )

@@ -15,6 +15,8 @@ independent of how the tokens were split across ranks, micro-batches or sequence
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -92,7 +94,7 @@ def deepspeed_config(job: JobConfig, world_size: int, device: torch.device) -> d
             },
         },
         "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": on_gpu and p.offload_optimizer,
+        "zero_force_ds_cpu_optimizer": on_gpu and p.offload_optimizer and deepspeed_adam(True),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -112,26 +114,19 @@ def deepspeed_config(job: JobConfig, world_size: int, device: torch.device) -> d
 def deepspeed_adam(offload_optimizer: bool) -> bool:
     """Whether a GPU run uses DeepSpeed's Adam (True) or torch's AdamW (False).
 
-    DeepSpeed builds its ops at first use unless it was installed with them prebuilt
-    (``DS_BUILD_FUSED_ADAM=1`` / ``DS_BUILD_CPU_ADAM=1``; ``ds_report`` lists them). Its fused
-    GPU Adam then needs nvcc, which a box with only PyTorch lacks, and gains little over
-    torch's foreach AdamW: used only when prebuilt. Its CPU Adam (ZeRO-Offload: the optimizer
-    step runs on the CPU) is several times faster than torch's AdamW there (Ren et al. 2021,
-    ZeRO-Offload, section 5); on a CUDA install its JIT build needs a C++ compiler and the CUDA
-    toolkit (it links cudart/curand from CUDA_HOME): used when prebuilt or buildable.
+    Only a prebuilt op is ever used (``DS_BUILD_CPU_ADAM=1`` / ``DS_BUILD_FUSED_ADAM=1`` at
+    ``pip install deepspeed``; ``ds_report`` lists them): a JIT build at the first step runs in
+    every rank at once, inside collective timeouts, with ``-march=native`` into a shared
+    ``~/.cache`` (SIGILL on a node with another CPU, a hang on a killed build's lock).
+    DeepSpeed's CPU Adam (ZeRO-Offload: the optimizer step on the CPU) is several times faster
+    than torch's AdamW there (Ren et al. 2021, section 5), so offloaded runs should prebuild it;
+    its fused GPU Adam gains little over torch's foreach AdamW.
     """
-    import shutil
-
-    from torch.utils import cpp_extension
-
     try:
         from deepspeed.git_version_info import installed_ops
     except ImportError:
         installed_ops = {}
-    if offload_optimizer:
-        buildable = shutil.which("c++") is not None and cpp_extension.CUDA_HOME is not None
-        return bool(installed_ops.get("cpu_adam")) or buildable
-    return bool(installed_ops.get("fused_adam"))
+    return bool(installed_ops.get("cpu_adam" if offload_optimizer else "fused_adam"))
 
 
 def lr_at(step: int, job: JobConfig) -> float:
@@ -310,6 +305,64 @@ def set_lr(engine: Any, lr: float) -> None:
 def count_tokens(batches: list[dict[str, Any]]) -> int:
     """Unmasked target tokens (labels != -100) in this rank's micro-batches."""
     return int(sum(int((b["labels"] != -100).sum()) for b in batches))
+
+
+class Prefetcher:
+    """Reads a loader's next micro-batches in a background thread, pinned on CUDA.
+
+    Packing windows is numpy work that releases the GIL, so it overlaps the step; pinned
+    host memory lets ``to_device``'s ``non_blocking`` copies run asynchronously. The order is
+    the loader's own, and :meth:`state_dict` is the loader's state after the last batch
+    *consumed*, not the last one read ahead, so checkpoints are exactly as without it.
+    Wrap a loader after its state is loaded.
+    """
+
+    def __init__(self, loader: Any, depth: int = 2, pin: bool = False) -> None:
+        self.loader, self.pin = loader, pin
+        self.source_names = getattr(loader, "source_names", None)
+        self._state = loader.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="longtrain-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self.loader)
+                if self.pin:
+                    batch = {
+                        k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()
+                    }
+                item: tuple[str, Any] = ("batch", (batch, self.loader.state_dict()))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # raised in the consumer, where it can be reported
+            self._queue.put(("error", e))
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        kind, item = self._queue.get()
+        if kind == "error":
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped loader's state after the last batch handed out."""
+        return self._state
+
+    def close(self) -> None:
+        """Stop reading ahead (the batches read ahead are dropped, never counted)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Preemption: a signal on any rank becomes a stop that every rank agrees on at a step boundary.
 
 SLURM (``--signal``), Kubernetes and torchrun announce the end of a job with SIGTERM or
-SIGUSR1 some time before they kill it. The handler only sets a flag (nothing unsafe runs
+SIGUSR1 some time before they kill it; a person at the terminal presses Ctrl-C (SIGINT). The
+first of any of them stops the run at the next step boundary with a checkpoint, like SIGTERM;
+a second Ctrl-C exits at once and says which steps are lost. The handler only sets a flag (nothing unsafe runs
 inside a signal handler); :meth:`PreemptionHandler.should_stop` all-reduces that flag at the
 next step boundary so all ranks leave the loop at the same step, save, and exit 0. A
 watchdog ends the process if the deadline passes anyway (a dead peer must not hang the job).
@@ -35,7 +37,7 @@ class PreemptionHandler:
     def __init__(
         self,
         deadline_s: float = 300.0,
-        signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1),
+        signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT),
         group: dist.ProcessGroup | None = None,
     ) -> None:
         self.deadline_s = deadline_s
@@ -46,6 +48,8 @@ class PreemptionHandler:
         self._stopping = False
         self._previous: dict[int, object] = {}
         self._watchdog: threading.Timer | None = None
+        self.last_saved: str | None = None
+        """What a second Ctrl-C names as kept (set by the trainer after each save)."""
 
     def install(self) -> PreemptionHandler:
         """Install the handlers (main thread only, as Python requires)."""
@@ -62,13 +66,23 @@ class PreemptionHandler:
             self._watchdog.cancel()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # os.write, not logging: logging takes locks that the interrupted code may hold.
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            kept = self.last_saved or "no checkpoint of this run"
+            os.write(
+                2,
+                f"longtrain: interrupted twice: exiting now; the steps after {kept} are "
+                "lost\n".encode(),
+            )
+            os._exit(130)
         if self.received is None:
             self.received = signum
             self._arm()
-        # os.write, not logging: logging takes locks that the interrupted code may hold.
+        again = "; press Ctrl-C again to exit at once" if signum == signal.SIGINT else ""
         os.write(
             2,
-            f"longtrain: received {signal.Signals(signum).name}, stopping at the next step\n".encode(),
+            f"longtrain: received {signal.Signals(signum).name}, stopping at the next step "
+            f"and saving{again}\n".encode(),
         )
 
     def _arm(self) -> None:

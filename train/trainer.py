@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from longtrain.data.loader import verify_data_dir
 from longtrain.model.errors import LongtrainError
 from longtrain.train import checkpoint as ckpt
 from longtrain.train.artifacts import open_artifact
@@ -41,12 +42,14 @@ from longtrain.train.config import (
     ROPE_FIELDS,
     JobConfig,
     check_data,
+    data_dirs,
+    job_manifest,
     load_job,
-    read_manifest,
     save_resolved,
     validate_job,
 )
 from longtrain.train.engine import (
+    Prefetcher,
     build_model,
     compute_dtype,
     count_tokens,
@@ -63,7 +66,10 @@ from longtrain.train.engine import (
 from longtrain.train.eval.validator import check_long_eval, long_eval
 from longtrain.train.export import write_model_output
 from longtrain.train.files import (
+    COMMANDS,
     DEEPSPEED_CONFIG,
+    HEAD_CONFIG,
+    LORA_CONFIG,
     METRICS,
     MODEL_CONFIG,
     find_latest,
@@ -83,9 +89,11 @@ from longtrain.train.parallel import (
     all_max,
     all_reduce_sum,
     build_topology,
+    compile_seconds,
     env_world,
     init_distributed,
 )
+from longtrain.train.plan import check_offload_memory
 from longtrain.train.preempt import PreemptionHandler
 from longtrain.train.stages import Stage, resolve_stages, stage_at, stage_job, stage_model_config
 from longtrain.train.tasks import make_task
@@ -173,12 +181,20 @@ class Progress:
     def __init__(self) -> None:
         self.step = 0
         self.tokens_seen = 0
+        self.tokens_by_source: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_by_source": dict(self.tokens_by_source),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        self.tokens_by_source = {
+            k: int(v) for k, v in (state.get("tokens_by_source") or {}).items()
+        }
 
 
 class EarlyStopping:
@@ -253,6 +269,16 @@ def quiet_libraries(rank: int) -> None:
             warnings.filterwarnings("ignore", category=cat, module=module)
 
 
+def record_command(run_dir: Path, world: int, step: int, argv: list[str] | None = None) -> None:
+    """Append this invocation to ``run_dir/commands.jsonl``: its ``longtrain`` command line
+    (the launcher's script path and the deepspeed launcher's ``--local_rank`` left out), the
+    world size and the step it started from. Exports cite it in the model card."""
+    args = list(sys.argv if argv is None else argv)[1:]
+    cmd = ["longtrain", *(a for a in args if not a.startswith(("--local_rank", "--local-rank")))]
+    with open(run_dir / COMMANDS, "a") as f:
+        f.write(json.dumps({"command": cmd, "world_size": world, "start_step": step}) + "\n")
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch from the job's seed.
 
@@ -278,21 +304,29 @@ class Trainer:
         # Every check that can fail runs here, before any process group exists.
         self.base_cfg = validate_job(job, world, command=command, init_config=init_cfg)
         self.stages = resolve_stages(job)
+        if job.parallel.offload_activations:
+            check_offload_memory(job, self.base_cfg, self.stages, world)
         job.train.steps = self.stages[-1].end
         self.longest = max(s.seq_len for s in self.stages)
-        manifest = read_manifest(job.data.dir) if job.finetune.task == "lm" else {}
+        manifest = job_manifest(job, self.stages) if job.finetune.task == "lm" else {}
         if manifest:
-            check_data(job, manifest, self.stages)
+            check_data(job, self.stages)
         self.task = make_task(job, manifest.get("tokenizer_hash"), self.longest)
         self.tokenizer_hash = self.task.tokenizer_hash
         if job.log.long_eval_interval:
             check_long_eval(job)  # a bad passkey length fails now, not at the first long eval
         self.run_dir = Path(job.run_dir)
+        ckpt.check_lineage(self.run_dir, job.checkpoint.resume)
+        for d in data_dirs(job, self.stages) if manifest else []:
+            verify_data_dir(d, progress=False)  # size, sha256 (cached), id range
         self.progress = Progress()
         es = job.finetune.early_stopping
         self.early = EarlyStopping(es.patience, es.min_delta)
         self.inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
         self.crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+        self._command_recorded = False
+        self._compiled_stage: int | None = None  # model.compile: the stage last timed
+        self._compile_total = 0.0
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -317,6 +351,9 @@ class Trainer:
             self.last_ckpt = find_latest(self.run_dir)
         elif r != "never":
             self.last_ckpt = resolve_checkpoint(r)
+            if self.rank == 0:
+                ckpt.set_aside_future(self.run_dir, self.last_ckpt)
+            dist.barrier()
         self.resumed = self.last_ckpt is not None
         self._announced = False
         if self.resumed:
@@ -358,7 +395,7 @@ class Trainer:
 
     def _topology(self, sp: int) -> Topology:
         if sp not in self.topos:  # new_group is collective: every rank builds the same ones
-            self.topos[sp] = build_topology(sp)
+            self.topos[sp] = build_topology(sp, self.job.parallel.ring)
         return self.topos[sp]
 
     def _parts(self, loader: Any) -> dict[str, Any]:
@@ -368,11 +405,11 @@ class Trainer:
         extra = {}
         lora = self.job.finetune.lora
         if lora.rank:
-            extra["lora_config.json"] = {
+            extra[LORA_CONFIG] = {
                 "rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
             }  # fmt: skip
         if self.task.name == "classify":
-            extra["head_config.json"] = {
+            extra[HEAD_CONFIG] = {
                 "task": "classify",
                 "num_labels": self.job.finetune.num_labels,
                 "pad_token_id": self.task.pad_token_id,
@@ -381,6 +418,7 @@ class Trainer:
             engine, self.progress.step, self._parts(loader), cfg.to_dict(), extra_files=extra
         )
         self.saved_at = self.progress.step
+        self.handler.last_saved = str(self.last_ckpt)
         return self.last_ckpt
 
     # ---- the run ------------------------------------------------------------------------
@@ -398,6 +436,7 @@ class Trainer:
             resume_step=self.progress.step if self.resumed else None,
         )
         self.handler = PreemptionHandler(deadline_s=job.checkpoint.preempt_deadline_s)
+        self.handler.last_saved = str(self.last_ckpt) if self.last_ckpt else None
         self.handler.install()
         self.bar = tqdm(
             total=job.train.steps,
@@ -464,7 +503,7 @@ class Trainer:
         init = None if self.last_ckpt is not None else self.init_state
         model = build_model(sj, cfg, topo, ds_config, self.device, init)
         engine = initialize_engine(sj, model, topo, ds_config)
-        loader = self.task.loader(st, topo)
+        loader = self.task.loader(st, topo, fresh=self.progress.step == st.start)
         if self.last_ckpt is not None:
             check_shape_compatible(self.last_ckpt, cfg)
             self.manager.load(engine, self.last_ckpt, self._parts(loader))
@@ -473,15 +512,20 @@ class Trainer:
                     f"longtrain: resumed from {self.last_ckpt} at step {self.progress.step}"
                 )
             self._announced = True
+        loader = Prefetcher(loader, pin=self.device.type == "cuda")
         if self.is_main:
             # Only now is the job accepted (a refused resume must not rewrite it).
             save_resolved(job, self.run_dir)
+            if not self._command_recorded:  # once per invocation, once it is accepted
+                record_command(self.run_dir, self.world, self.progress.step)
+                self._command_recorded = True
             rope = cfg.rope_scaling.to_dict() if cfg.rope_scaling else "default"
             lora = f", LoRA r={job.finetune.lora.rank}" if job.finetune.lora.rank else ""
+            ring = f" (Ulysses {topo.ulysses} x ring {topo.ring})" if topo.ring > 1 else ""
             self.bar.write(
                 f"longtrain {self.command}: {st.name} steps [{st.start}, {st.end}): "
                 f"{cfg.num_params() / 1e6:.1f}M params, world {self.world} = DP {topo.dp} x "
-                f"SP {topo.sp}, ZeRO-{job.parallel.zero_stage}, seq_len {st.seq_len}, rope "
+                f"SP {topo.sp}{ring}, ZeRO-{job.parallel.zero_stage}, seq_len {st.seq_len}, rope "
                 f"{rope} theta {cfg.rope_theta:g}, task {self.task.name}{lora}, attention core "
                 f"{model.attention_core}, device {self.device.type}, run_dir {self.run_dir}"
             )
@@ -515,6 +559,7 @@ class Trainer:
         if self.saved_at != self.progress.step and self.bad_streak == 0:
             self._save(engine, loader, cfg)  # every stage boundary is a committed checkpoint
         ckpt.wait_for_pending_save()  # the next stage loads this checkpoint
+        loader.close()
         engine.destroy()
         del engine
         gc.collect()
@@ -532,10 +577,15 @@ class Trainer:
         )
         prog.step += 1
         step = prog.step
+        if sj.model.compile and self._compiled_stage != st.index:
+            self._log_compile(st, step)  # this stage's first step (fresh or resumed) compiled
         # All tokens processed (masked or not) measure throughput.
         n_tok = st.seq_len * st.micro_batch * st.grad_accum * topo.dp
         prog.tokens_seen += n_tok
         win.tokens += n_tok
+        names = getattr(loader, "source_names", None)
+        if names:
+            self._count_sources(batches, names, st.seq_len, topo)
         self.bar.update(1)
         if res.skipped:
             self._bad_step(step, res, lr)
@@ -555,6 +605,8 @@ class Trainer:
                 "loss": float(np.mean(win.losses)), "lr": lr, "grad_norm": res.grad_norm,
                 "tokens": prog.tokens_seen, "tokens_per_s": win.tokens / el,
             }  # fmt: skip
+            if prog.tokens_by_source:
+                row["tokens_by_source"] = dict(prog.tokens_by_source)
             flops = all_reduce_sum(meter.totals(), self.device, topo.world_group)
             row.update(FlopsMeter.row(flops, el, self.world, peak))
             row.update(self._memory(engine))
@@ -598,6 +650,33 @@ class Trainer:
             )
             self.bar.write(f"longtrain {self.command}: {why}")
         return self.stopped
+
+    def _log_compile(self, st: Stage, step: int) -> None:
+        """The seconds ``model.compile`` cost, once per stage (a new stage's shapes compile
+        anew): one line and a metrics row ``{"step", "stage", "compile_s"}`` (rank 0's figure)."""
+        self._compiled_stage = st.index
+        total = compile_seconds()
+        if total is None:
+            return
+        spent, self._compile_total = total - self._compile_total, total
+        if self.is_main:
+            self.bar.write(
+                f"longtrain: torch.compile of the blocks took {spent:.1f} s (step {step})"
+            )
+        self.logger.log({"step": step, "stage": st.index, "compile_s": spent})
+
+    def _count_sources(self, batches: list[dict[str, Any]], names: list[str], seq_len: int,
+                       topo: Topology) -> None:  # fmt: skip
+        """Add this step's tokens per mixture source (every window: seq_len tokens)."""
+        local = [0.0] * len(names)
+        for b in batches:
+            for i in b["source_ids"].tolist():
+                local[i] += seq_len
+        # The ranks of one SP group read the same windows: count each window once.
+        total = all_reduce_sum(local, self.device, topo.world_group)
+        for name, n in zip(names, total):
+            by = self.progress.tokens_by_source
+            by[name] = by.get(name, 0) + round(n / topo.sp)
 
     def _memory(self, engine: Any) -> dict[str, float]:
         """Peak memory since the last row (max over ranks), and host memory of offload."""
