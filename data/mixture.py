@@ -209,8 +209,10 @@ class MixtureLoader:
         seed: int = 0,
         attention: str = "document",
         tokenizer_hash: str | None = None,
+        ring: int = 1,
     ) -> None:
-        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention)
+        check_parallel(seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size, attention, ring)
+        self.ring = ring  # ring attention degree inside SP: the zigzag layout of to_batch
         if longest % seq_len:
             raise LongtrainError(f"seq_len={seq_len} does not divide the longest stage {longest}")
         self.longest, self.seq_len, self.micro_batch = longest, seq_len, micro_batch
@@ -242,25 +244,33 @@ class MixtureLoader:
         self._keys = [_name_key(s.name) for s in self.sources]
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self.cursor = 0
+        self.origin = 0
+        """First global block of the current mixture (a stage may change the mixture)."""
+        self.base = np.zeros(len(self.sources), dtype=np.int64)
+        """Blocks each source supplied before :attr:`origin` (under earlier mixtures)."""
+        self.new_segment_ok = False
+        """Set by the trainer for a stage that starts now: a checkpoint made with another
+        mixture then starts a new segment of the order instead of being refused."""
         self._seen_epoch = self._epochs_before(0)
 
     # ---- the global order ------------------------------------------------------------------
 
     def consumed_blocks(self, blocks: int) -> np.ndarray:
         """How many of the first ``blocks`` global blocks each source supplied, ``(n,)``."""
-        period, r = divmod(int(blocks), self._period)
+        period, r = divmod(max(int(blocks) - self.origin, 0), self._period)
         part = np.bincount(self.schedule[:r], minlength=len(self.sources))
-        return period * self._quota + part
+        return self.base + period * self._quota + part
 
     def blocks(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(source, block within the source, epoch of that source)`` of global blocks ``b``."""
         b = np.asarray(b, dtype=np.int64)
-        period, r = np.divmod(b, self._period)
+        period, r = np.divmod(b - self.origin, self._period)
         src = self.schedule[r]
         block, epoch = np.empty_like(b), np.empty_like(b)
         for i in np.unique(src):
             sel = src == i
-            j = period[sel] * self._quota[i] + np.searchsorted(self._positions[i], r[sel])
+            j = self.base[i] + period[sel] * self._quota[i]
+            j = j + np.searchsorted(self._positions[i], r[sel])
             epoch[sel], within = np.divmod(j, self.num_blocks[i])
             out = np.empty(len(j), dtype=np.int64)
             for e in np.unique(epoch[sel]):  # at most two epochs per call in practice
@@ -293,7 +303,7 @@ class MixtureLoader:
         full, part = divmod(self.cursor, self.longest)
         out = self.consumed_blocks(full) * self.longest
         if part:
-            out[self.schedule[full % self._period]] += part
+            out[self.schedule[(full - self.origin) % self._period]] += part
         return dict(zip(self.source_names, map(int, out)))
 
     def _epochs_before(self, cursor: int) -> np.ndarray:
@@ -335,7 +345,7 @@ class MixtureLoader:
         if self.stream.masks is not None:
             masks = np.stack([self.stream.read_mask(int(s), L1) for s in starts])  # (B, L+1)
         packed = pack(windows, starts, self.stream.doc_starts, masks, self.attention)
-        batch = to_batch(packed, ids, self.sp_rank, self.sp_size)
+        batch = to_batch(packed, ids, self.sp_rank, self.sp_size, self.ring)
         batch["source_ids"] = torch.from_numpy(src.astype(np.int64))
         return batch
 
@@ -346,15 +356,41 @@ class MixtureLoader:
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """The global token cursor plus what must match on resume (rank independent)."""
+        """The global token cursor and the current segment, plus what must match on resume
+        (rank independent)."""
         return {
             "cursor": int(self.cursor),
+            "origin": int(self.origin),
+            "base": dict(zip(self.source_names, map(int, self.base))),
             "seq_len": self.seq_len,
             "longest": self.longest,
             "seed": self.seed,
             "mix": self._mix_state(),
             "tokenizer_hash": self.tokenizer_hash,
         }
+
+    def _start_segment(self, sd: dict[str, Any]) -> None:
+        """Continue a checkpoint made under another mixture: the new weights apply from the
+        next block on, and each source continues its own order where it stopped."""
+        old = sd["mix"]
+        origin = -(-int(sd["cursor"]) // self.longest)
+        o_origin = int(sd.get("origin", 0))
+        o_base = sd.get("base") or {}
+        sched = weighted_schedule([m["weight"] for m in old])
+        period, r = divmod(origin - o_origin, len(sched))
+        used = period * np.bincount(sched, minlength=len(old)) + np.bincount(
+            sched[:r], minlength=len(old)
+        )
+        before = {m["name"]: int(o_base.get(m["name"], 0)) + int(n) for m, n in zip(old, used)}
+        self.origin = origin
+        self.base = np.array([before.get(n, 0) for n in self.source_names], dtype=np.int64)
+        self.cursor = origin * self.longest
+        if self.dp_rank == 0 and self.sp_rank == 0:
+            log.warning(
+                "data.mix: a new mixture from block %d on (%s)",
+                origin,
+                ", ".join(f"{s.name} {s.weight:.3g}" for s in self.sources),
+            )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Continue at the saved cursor, rounded up to this stage's window length.
@@ -363,12 +399,25 @@ class MixtureLoader:
         earlier block depends on them.
         """
         now = self.state_dict()
+        if "mix" in sd and sd["mix"] != now["mix"] and self.new_segment_ok:
+            for key in ("longest", "seed", "tokenizer_hash"):
+                if key in sd and sd[key] != now[key]:
+                    raise LongtrainError(
+                        f"loader state: {key}={sd[key]!r} in the checkpoint but {now[key]!r} "
+                        "now; resume with the same stages, seed and tokenizer"
+                    )
+            self._start_segment(sd)
+            self._seen_epoch = self._epochs_before(self.cursor)
+            return
         for key in ("longest", "seed", "mix", "tokenizer_hash"):
             if key in sd and sd[key] != now[key]:
                 raise LongtrainError(
                     f"loader state: {key}={sd[key]!r} in the checkpoint but {now[key]!r} now; "
                     "resume with the same data.mix (names, weights, data), stages and seed"
                 )
+        self.origin = int(sd.get("origin", 0))
+        base = sd.get("base") or {}
+        self.base = np.array([int(base.get(n, 0)) for n in self.source_names], dtype=np.int64)
         c = int(sd["cursor"])
         self.cursor = -(-c // self.seq_len) * self.seq_len
         self._seen_epoch = self._epochs_before(self.cursor)
@@ -385,6 +434,7 @@ def mixture_validation_batches(
     max_batches: int | None = None,
     attention: str = "document",
     tokenizer_hash: str | None = None,
+    ring: int = 1,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(source name, batch)`` over every source's ``val`` split, source after source.
 
@@ -397,7 +447,7 @@ def mixture_validation_batches(
         try:
             batches = validation_batches(
                 s.dir, seq_len, micro_batch, dp_rank, dp_size, sp_rank, sp_size,
-                max_batches, attention, tokenizer_hash,
+                max_batches, attention, tokenizer_hash, ring,
             )  # fmt: skip
             for batch in batches:
                 batch["source_ids"] = torch.full((micro_batch,), i, dtype=torch.int64)

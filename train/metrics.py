@@ -420,7 +420,12 @@ class MetricsLogger:
             f.write(json.dumps(clean) + "\n")
         step = int(row["step"])
         if self.tb is not None:
-            for k, v in row.items():
+            flat: dict[str, Any] = {}
+            for k, v in row.items():  # a mapping (tokens_by_source) becomes one tag per entry
+                flat.update(
+                    {f"{k}/{s}": x for s, x in v.items()} if isinstance(v, dict) else {k: v}
+                )
+            for k, v in flat.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v)):
                     # val_* and long_eval/* keep their names; the rest go under train/.
                     tag = k if k.startswith(("val", "long_eval/")) else f"train/{k}"

@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from longtrain.data.mixture import check_mix
 from longtrain.model.config import ModelConfig
 from longtrain.model.errors import LongtrainError
 
@@ -28,6 +29,7 @@ STAGE_KEYS = (
     "warmup",
     "rope_theta",
     "rope_scaling",
+    "mix",
 )
 
 
@@ -61,6 +63,8 @@ class Stage:
     """RoPE base, or None to keep the model's."""
     rope_scaling: dict | None
     """RoPE scaling mapping, or None to keep the model's."""
+    mix: list | None = None
+    """This stage's data mixture (``data.mix`` entries), or None to keep the job's."""
 
     @property
     def steps(self) -> int:
@@ -129,7 +133,10 @@ def resolve_stages(job: Any) -> list[Stage]:
             warmup=_get(st, "warmup", job.train.warmup, int, where),
             rope_theta=_get(st, "rope_theta", None, float, where),
             rope_scaling=rs,
+            mix=st.get("mix"),
         )
+        if stage.mix is not None:
+            check_mix(stage.mix, f"{where}.mix")
         for k in ("seq_len", "micro_batch", "grad_accum", "sp"):
             if getattr(stage, k) < 1:
                 raise LongtrainError(f"{where}.{k} must be positive")
@@ -166,6 +173,8 @@ def stage_job(job: Any, stage: Stage) -> Any:
     sj.train.lr = stage.lr
     sj.train.warmup = min(stage.warmup, stage.steps)
     sj.parallel.sp = stage.sp
+    if stage.mix is not None:
+        sj.data.mix, sj.data.dir = list(stage.mix), ""
     return sj
 
 

@@ -22,6 +22,7 @@ import torch
 
 from longtrain.data.classify import ClassifyData, ClassifyLoader
 from longtrain.data.curriculum import StagedLoader
+from longtrain.data.mixture import MixtureLoader
 from longtrain.train.config import JobConfig
 from longtrain.train.eval.classify import evaluate_classify
 from longtrain.train.eval.validator import validation_loss
@@ -38,13 +39,21 @@ class LMTask:
         self.job, self.tokenizer_hash, self.longest = job, tokenizer_hash, longest
         self.pad_token_id: int | None = None
 
-    def loader(self, stage: Stage, topo: Topology) -> StagedLoader:
-        """This rank's training micro-batches for ``stage``."""
+    def loader(
+        self, stage: Stage, topo: Topology, fresh: bool = False
+    ) -> StagedLoader | MixtureLoader:
+        """This rank's training micro-batches for ``stage`` (``fresh``: the stage starts now,
+        so a mixture of its own continues a checkpoint made under the previous one)."""
         job = self.job
-        return StagedLoader(
-            job.data.dir, self.longest, stage.seq_len, stage.micro_batch, topo.dp_rank, topo.dp,
-            topo.sp_rank, topo.sp, job.seed, job.data.attention, self.tokenizer_hash,
-        )  # fmt: skip
+        mix = stage.mix or job.data.mix
+        args = (self.longest, stage.seq_len, stage.micro_batch, topo.dp_rank, topo.dp,
+                topo.sp_rank, topo.sp, job.seed, job.data.attention, self.tokenizer_hash,
+                topo.ring)  # fmt: skip
+        if not mix:
+            return StagedLoader(job.data.dir, *args)
+        loader = MixtureLoader(mix, *args)
+        loader.new_segment_ok = fresh
+        return loader
 
     def validate(
         self, engine: Any, stage_job: JobConfig, topo: Topology, device: torch.device
@@ -66,11 +75,11 @@ class ClassifyTask:
         self.pad_token_id: int | None = self.train.tok.pad_id
         self.tokenizer_hash: str | None = self.train.tok.hash
 
-    def loader(self, stage: Stage, topo: Topology) -> ClassifyLoader:
+    def loader(self, stage: Stage, topo: Topology, fresh: bool = False) -> ClassifyLoader:
         """This rank's training micro-batches."""
         return ClassifyLoader(
             self.train, stage.micro_batch, topo.dp_rank, topo.dp, topo.sp_rank, topo.sp,
-            self.job.seed,
+            self.job.seed, topo.ring,
         )  # fmt: skip
 
     def validate(

@@ -7,12 +7,14 @@ numbers on every rank; all of them run without autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longtrain.data.loader import validation_batches
+from longtrain.data.mixture import mixture_validation_batches
 from longtrain.data.passkey import PasskeySample, passkey_grid
 from longtrain.data.tokenizer import Tokenizer
 from longtrain.model.errors import LongtrainError
@@ -30,10 +32,10 @@ TRAIN_PASSKEY_DEPTHS = (0.0, 0.5, 1.0)
 TRAIN_PASSKEY_TRIALS = 2
 
 
-def job_validation_batches(job: Any, topo: Topology) -> Any:
-    """This rank's validation batches for the job (its DP slice, its SP shard)."""
-    return validation_batches(
-        job.data.dir,
+def named_validation_batches(job: Any, topo: Topology) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(source name, batch)`` of this rank's validation batches (its DP slice, its SP
+    shard): one unnamed source (``""``) for ``data.dir``, every source of ``data.mix``."""
+    common = dict(
         seq_len=job.data.seq_len,
         micro_batch=job.train.micro_batch,
         dp_rank=topo.dp_rank,
@@ -42,31 +44,52 @@ def job_validation_batches(job: Any, topo: Topology) -> Any:
         sp_size=topo.sp,
         max_batches=job.data.val_batches or None,
         attention=job.data.attention,
+        ring=topo.ring,
     )
+    if job.data.mix:
+        yield from mixture_validation_batches(job.data.mix, **common)
+        return
+    for batch in validation_batches(job.data.dir, **common):
+        yield "", batch
+
+
+def job_validation_batches(job: Any, topo: Topology) -> Iterator[dict[str, Any]]:
+    """This rank's validation batches for the job (every source of a mixture)."""
+    for _name, batch in named_validation_batches(job, topo):
+        yield batch
 
 
 @torch.no_grad()
 def validation_loss(
     engine: Any, job: Any, topo: Topology, device: torch.device
 ) -> dict[str, float]:
-    """``val_loss`` (mean token loss over the held-out split) and ``val_ppl``, on every rank."""
+    """``val_loss`` (mean token loss over the held-out split) and ``val_ppl``, the same on every
+    rank; with ``data.mix`` also ``val_loss/<name>`` per source (``val_loss`` is then the mean
+    over all their tokens)."""
     engine.eval()
-    local_sum, local_count = 0.0, 0
+    sums: dict[str, list[float]] = {}
     try:
-        for batch in job_validation_batches(job, topo):
+        for name, batch in named_validation_batches(job, topo):
             loss = forward_loss(engine, to_device(batch, device), job.train.loss_chunk_size)
-            local_sum += float(loss)
-            local_count += int((batch["labels"] != -100).sum())
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(loss)
+            acc[1] += float((batch["labels"] != -100).sum())
     finally:
         engine.train()
-    total, count = all_reduce_sum([local_sum, float(local_count)], device, topo.world_group)
+    names = sorted(sums)
+    flat = all_reduce_sum([v for n in names for v in sums[n]], device, topo.world_group)
+    total, count = sum(flat[0::2]), sum(flat[1::2])
     if count == 0:
         raise LongtrainError(
-            f"data.dir {job.data.dir}: the validation split has no scored tokens at "
-            f"data.seq_len={job.data.seq_len}; prepare with a larger --val-fraction"
+            f"data.dir {job.data.dir or job.data.mix}: the validation split has no scored tokens "
+            f"at data.seq_len={job.data.seq_len}; prepare with a larger --val-fraction"
         )
     vl = total / count
-    return {"val_loss": vl, "val_ppl": math.exp(min(vl, 50.0))}
+    row = {"val_loss": vl, "val_ppl": math.exp(min(vl, 50.0))}
+    for i, name in enumerate(names):
+        if name:
+            row[f"val_loss/{name}"] = flat[2 * i] / max(flat[2 * i + 1], 1.0)
+    return row
 
 
 @torch.no_grad()
