@@ -298,49 +298,12 @@ class FlashAttention(nn.Module):
     fp32 inputs are run in bf16 and cast back (the kernel takes fp16/bf16 only).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._fn = importlib.import_module("flash_attn").flash_attn_varlen_func
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor | Documents | None = None,
-        max_seqlen: int | None = None,
-    ) -> torch.Tensor:
-        _check_shapes(q, k, v)
-        B, T, Hq, D = q.shape
-        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        cu, m = _varlen_args(cu_seqlens, max_seqlen, B, T, q.device)
-        out = self._fn(
-            q.reshape(B * T, Hq, D).to(dtype),  # (B*T, Hq, D)
-            k.reshape(B * T, k.shape[2], D).to(dtype),  # (B*T, Hkv, D)
-            v.reshape(B * T, v.shape[2], D).to(dtype),
-            cu,
-            cu,
-            m,
-            m,
-            causal=True,
-        )
-        return out.view(B, T, Hq, D).to(q.dtype)  # (B, T, Hq, D)
-
-
-class FlashAttention3(nn.Module):
-    """FlashAttention-3 ``flash_attn_interface.flash_attn_varlen_func`` (Hopper, CUDA 9.x).
-
-    The module comes from flash-attn's ``hopper/`` build (``pip install`` there, or the
-    ``flash_attn_3`` wheel). Its signature is FA2's for what we pass: q, k, v, cu_seqlens_q,
-    cu_seqlens_k, max_seqlen_q, max_seqlen_k positionally, then ``causal`` by keyword (FA3
-    inserts ``seqused_q/k`` after the lengths, so nothing else may be positional). The 2.7-era
-    betas return ``(out, softmax_lse)``, later releases ``out`` unless ``return_attn_probs``:
-    both are taken. fp32 inputs are run in bf16 and cast back; GQA handled natively.
-    """
+    module = "flash_attn"
+    """The import name of the kernel's module."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._fn = importlib.import_module("flash_attn_interface").flash_attn_varlen_func
+        self._fn = importlib.import_module(self.module).flash_attn_varlen_func
 
     def forward(
         self,
@@ -367,6 +330,20 @@ class FlashAttention3(nn.Module):
         if isinstance(out, tuple):  # (out, softmax_lse) in the FA3 betas
             out = out[0]
         return out.view(B, T, Hq, D).to(q.dtype)  # (B, T, Hq, D)
+
+
+class FlashAttention3(FlashAttention):
+    """FlashAttention-3 ``flash_attn_interface.flash_attn_varlen_func`` (Hopper, CUDA 9.x).
+
+    The module comes from flash-attn's ``hopper/`` build (``pip install`` there, or the
+    ``flash_attn_3`` wheel). Its signature is FA2's for what we pass: q, k, v, cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k positionally, then ``causal`` by keyword (FA3
+    inserts ``seqused_q/k`` after the lengths, so nothing else may be positional). The 2.7-era
+    betas return ``(out, softmax_lse)``, later releases ``out`` unless ``return_attn_probs``:
+    both are taken. fp32 inputs are run in bf16 and cast back; GQA handled natively.
+    """
+
+    module = "flash_attn_interface"
 
 
 def _import_reason(module: str, label: str) -> str | None:

@@ -302,13 +302,14 @@ def _z3_worker(out_dir: str) -> None:
     """ZeRO-3 (every parameter partitioned, the norms' too) on two ranks with the same batch:
     the averaged gradients are one batch's. Scenario ``detached`` hands the function the
     weight's data instead of the parameter (the bug ZeRO-3 must not tolerate)."""
-    import datetime
 
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
+    from longtrain.train.parallel import init_distributed
+
+    init_distributed(timeout_s=90)  # gloo, and no JIT-built DeepSpeed op (avoid_jit_ops)
     results = {}
     real_forward = RMSNorm.forward
     for name in ("ours", "detached"):

@@ -71,7 +71,7 @@ micro batch, ``P`` the SP degree (``U`` x ring), ``W`` GPUs, ``t = b*s/P`` token
    at start in the communication dtype, the reduce-scatter outputs (1/W of it) and gathered
    parameters up to ``stage3_max_live_parameters``; on a CPU only pages written count, at most
    the model's size (``GpuSpec.counts_untouched``). Ring attention's K/V blocks and traffic
-   come from ``train.ring.ring_p2p_bytes`` (when that module exists).
+   come from ``train.ring.ring_p2p_bytes``.
 6. Runtime reserve on GPU: 2.5 GB for the CUDA context, NCCL and cuBLAS workspaces, plus 5% of
    the allocator total for fragmentation (assumed; the GPU check records both).
 
@@ -124,12 +124,8 @@ from longtrain.train.engine import deepspeed_config
 from longtrain.train.metrics import datasheet_peak_flops
 from longtrain.train.offload import check_host_memory, checkpointed_blocks, host_bytes_needed
 from longtrain.train.parallel import setup_accelerator_env, sp_layout_problem
+from longtrain.train.ring import ring_p2p_bytes
 from longtrain.train.stages import Stage
-
-try:  # ring attention (train/ring.py) is being built; its planner term is its own byte count
-    from longtrain.train.ring import ring_p2p_bytes
-except ImportError:
-    ring_p2p_bytes = None
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -783,11 +779,6 @@ def ring_buffer_bytes(p: PlanInput) -> float:
 
 
 def _ring_bytes(p: PlanInput) -> dict[str, float]:
-    if ring_p2p_bytes is None:
-        raise LongtrainError(
-            f"parallel.ring={p.ring}: the planner's ring term needs longtrain.train.ring "
-            "(ring_p2p_bytes), which this installation does not have; plan with parallel.ring=1"
-        )
     return ring_p2p_bytes(p.model, p.seq_len, p.micro_batch, p.ulysses, p.ring, p.a)
 
 
@@ -1310,8 +1301,6 @@ def cli_plan(args: argparse.Namespace) -> int:
     if host is not None and host <= 0:
         raise LongtrainError(f"--host-mem {host}: must be > 0 (GB of RAM per node)")
     job = load_job(args.config, list(args.overrides or []))
-    if job.parallel.ring > 1 and ring_p2p_bytes is None:
-        _ring_bytes(PlanInput.from_job(job))  # the one clear error
     p = PlanInput.from_job(job)
     gpu = GPUS[args.gpu]
     if getattr(args, "max_seq", False):
